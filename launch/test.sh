@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Installs everything (with test dependencies) and runs the whole test suite. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/install.sh test
+exec .venv/bin/python -m pytest -n 2 --dist loadfile -q -ra "$@" tests

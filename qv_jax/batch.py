@@ -1,0 +1,57 @@
+"""The batch contract between `data_pipeline` (producer) and the model / trainer (consumer).
+
+Every array has a static shape fixed by the config: B = data.batch_size (per process: the local share),
+F = a frame bucket from data.frame_buckets, S = data.image_size, L = data.max_text_len.
+
+| key           | dtype   | shape           | meaning |
+|---------------|---------|-----------------|---------|
+| frames        | uint8   | [B, F, S, S, 3] | RGB frames (video) or anyres crops (image sample), zero-padded past `num_frames`. float32 in [-1, 1] instead when data.normalize_on_host |
+| num_frames    | int32   | [B]             | valid frames (video) or crops/images (image sample), ≥ 1 |
+| modality      | int32   | [B]             | MODALITY_VIDEO or MODALITY_IMAGE (text-only samples are image samples with one all-zero dummy image) |
+| input_ids     | int32   | [B, L]          | pre-merge ids: the reference's token sequence *before* cube merging, `<image>` placeholders as IMAGE_TOKEN_INDEX (-200), right-padded with the pad id |
+| labels        | int32   | [B, L]          | the reference's labels for input_ids (IGNORE_INDEX = -100 where unsupervised, on placeholders and padding) |
+| token_frame   | int32   | [B, L]          | video samples: f ≥ 0 on frame f's `<image>` placeholder and on the timestamp tokens `{ts_f}` that precede it; -1 elsewhere (text, the thumbnail placeholder, padding, all of an image sample) |
+| token_valid   | bool    | [B, L]          | False on padding |
+| timestamps    | float32 | [B, F]          | round(frame_index / FPS, 1) seconds; 0 on padded frames |
+| sample_id     | int32   | [B]             | global index of the sample in the dataset (folds the per-sample Gumbel key) |
+
+How the model rebuilds the reference sequence after cubing (SPEC §5.2): a text token with
+token_frame == -1 is kept; a token with token_frame == f is kept iff frame f starts a cube; a video's
+first placeholder is the thumbnail; a kept frame placeholder becomes the 64 tokens of the cube that frame
+starts. Image placeholders become the 64 tokens of their crop, in order. So after `<thumbnail_end>` the
+chunk `{ts_0}` carries token_frame 0 (frame 0 always starts a cube), and between frame f-1's and frame
+f's placeholders the chunk `{ts_f}` carries token_frame f.
+"""
+
+IMAGE_TOKEN_INDEX = -200
+IGNORE_INDEX = -100
+MODALITY_IMAGE = 0
+MODALITY_VIDEO = 1
+
+SPECIAL_TOKENS = (
+    "<patch_start>", "<patch_end>",
+    "<video_start>", "<video_end>",
+    "<im_start>", "<im_end>",
+    "<thumbnail_start>", "<thumbnail_end>",
+)
+
+BATCH_KEYS = ("frames", "num_frames", "modality", "input_ids", "labels", "token_frame", "token_valid",
+              "timestamps", "sample_id")
+
+
+def batch_shapes(config, batch_size: int, num_frames: int) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{key: (shape, dtype name)} of a batch for `num_frames` = the bucket F."""
+  d = config.data
+  s, length = d.image_size, d.max_text_len
+  frames_dtype = "float32" if d.normalize_on_host else "uint8"
+  return {
+      "frames": ((batch_size, num_frames, s, s, 3), frames_dtype),
+      "num_frames": ((batch_size,), "int32"),
+      "modality": ((batch_size,), "int32"),
+      "input_ids": ((batch_size, length), "int32"),
+      "labels": ((batch_size, length), "int32"),
+      "token_frame": ((batch_size, length), "int32"),
+      "token_valid": ((batch_size, length), "bool"),
+      "timestamps": ((batch_size, num_frames), "float32"),
+      "sample_id": ((batch_size,), "int32"),
+  }

@@ -1,0 +1,40 @@
+"""The `mesh` section and the one logical-axis rules table (DESIGN.md: sharding plan)."""
+
+import ml_collections
+
+from qv_jax.config.errors import require
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or axes, or None). The only place logical names meet mesh axes.
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("vision_embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("kv", None),
+    ("queries", None),
+    ("frames", None),
+    ("tokens", None),
+    ("cubes", None),
+    ("layers", None),
+    ("length", None),
+    ("channels", None),
+)
+
+
+def mesh_defaults() -> ml_collections.ConfigDict:
+  """Axis sizes; one axis may be -1 (all remaining devices)."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+
+def validate_mesh(m) -> None:
+  sizes = [m[a] for a in MESH_AXES]
+  for a, s in zip(MESH_AXES, sizes):
+    require(s == -1 or s >= 1, f"mesh.{a}", f"must be -1 or >= 1, got {s}")
+  require(sizes.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")

@@ -1,0 +1,20 @@
+"""`validate(config)`: every check, run before anything compiles."""
+
+from qv_jax.config.data import validate_data
+from qv_jax.config.errors import require
+from qv_jax.config.mesh import validate_mesh
+from qv_jax.config.model import validate_model
+from qv_jax.config.sizes import check_size
+from qv_jax.config.train import validate_train
+
+
+def validate(config):
+  """Checks a whole config; raises `ConfigError` naming the first bad field. Returns the config."""
+  for section in ("model", "data", "mesh", "train"):
+    require(section in config, section, "missing section")
+  check_size(config.model.size)
+  validate_model(config.model)
+  validate_data(config.data, config.model)
+  validate_mesh(config.mesh)
+  validate_train(config.train)
+  return config

@@ -1,0 +1,1 @@
+"""Checkpoint conversion: declarative name-mapping tables from PyTorch/HF layouts to qv-jax params."""

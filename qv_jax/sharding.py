@@ -1,0 +1,156 @@
+"""Sharding by logical axis names: the mesh, the rules table, sharded creation and constraints.
+
+Parameters carry their logical axis names as the variable metadata `logical_axes` (see `param`), not as
+Flax's `out_sharding`, so modules can be built anywhere (tests, eval_shape) and are placed on devices only
+by `create_sharded`. Large activations are pinned with `constrain(x, ("batch", "frames", ...))`, a no-op
+when no mesh is active. The rules live in the config (`config.sharding_rules`, default
+`qv_jax.config.mesh.LOGICAL_AXIS_RULES`); `axis_rules(rules)` makes them current for `constrain`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qv_jax.config.errors import ConfigError
+from qv_jax.config.mesh import LOGICAL_AXIS_RULES, MESH_AXES
+
+jax.config.update("jax_threefry_partitionable", True)
+
+Axes = Sequence[str | None]
+Rules = Sequence[tuple[str, Any]]
+
+
+class _RulesContext(threading.local):
+  rules: tuple = tuple(LOGICAL_AXIS_RULES)
+
+
+_CURRENT = _RulesContext()
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Rules):
+  """Makes `rules` the table `constrain` and `logical_to_pspec` use by default."""
+  old = _CURRENT.rules
+  _CURRENT.rules = tuple(tuple(r) for r in rules)
+  try:
+    yield
+  finally:
+    _CURRENT.rules = old
+
+
+def current_rules() -> tuple:
+  return _CURRENT.rules
+
+
+def param(initializer: Callable, key: jax.Array, shape: Sequence[int], axes: Axes,
+          dtype: Any = np.float32) -> nnx.Param:
+  """An `nnx.Param` of `initializer(key, shape, dtype)` tagged with logical `axes` (one per dim)."""
+  if len(axes) != len(shape):
+    raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+  return nnx.Param(initializer(key, tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+def tagged(value: jax.Array, axes: Axes) -> nnx.Param:
+  """An `nnx.Param` holding `value`, tagged with logical `axes`."""
+  if len(axes) != np.ndim(value):
+    raise ValueError(f"logical axes {tuple(axes)} do not match shape {np.shape(value)}")
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def _mesh_axis_size(mesh, axis) -> int:
+  names = axis if isinstance(axis, tuple) else (axis,)
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def logical_to_pspec(axes: Axes | None, rules: Rules | None = None, mesh=None,
+                     shape: Sequence[int] | None = None) -> PartitionSpec:
+  """Maps logical names to a PartitionSpec. A mesh axis is used at most once; with `mesh` and `shape`,
+  a dimension that the mesh axes do not divide stays replicated (tiny test configs on 8 devices)."""
+  if axes is None:
+    return PartitionSpec()
+  table = dict(rules if rules is not None else _CURRENT.rules)
+  used: set[str] = set()
+  out = []
+  for i, name in enumerate(axes):
+    target = table.get(name) if name is not None else None
+    if target is None:
+      out.append(None)
+      continue
+    target = tuple(target) if isinstance(target, (tuple, list)) else (target,)
+    if mesh is not None:
+      target = tuple(t for t in target if t in mesh.shape and mesh.shape[t] > 1)
+    target = tuple(t for t in target if t not in used)
+    if mesh is not None and shape is not None:
+      while target and shape[i] % _mesh_axis_size(mesh, target) != 0:
+        target = target[:-1]
+    if not target:
+      out.append(None)
+      continue
+    used.update(target)
+    out.append(target[0] if len(target) == 1 else target)
+  return PartitionSpec(*out)
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh from the config's axis sizes; one size may be -1 (the rest)."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if any(s == -1 for s in sizes.values()):
+    if len(devices) % known:
+      raise ConfigError("mesh", f"{sizes} does not divide the {len(devices)} devices")
+    sizes = {a: (len(devices) // known if s == -1 else s) for a, s in sizes.items()}
+  if math.prod(sizes.values()) != len(devices):
+    raise ConfigError("mesh", f"{sizes} needs {math.prod(sizes.values())} devices, "
+                              f"but {len(devices)} are present")
+  grid = np.asarray(devices).reshape(tuple(sizes[a] for a in MESH_AXES))
+  return Mesh(grid, MESH_AXES)
+
+
+def _variable_pspec(var, mesh, rules) -> PartitionSpec:
+  axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+  value = var.get_value() if isinstance(var, nnx.Variable) else var
+  return logical_to_pspec(axes, rules, mesh, getattr(value, "shape", None))
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+  """A NamedSharding for every leaf of an nnx State (abstract or concrete), from `logical_axes`."""
+  def one(var):
+    return NamedSharding(mesh, _variable_pspec(var, mesh, rules))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules | None = None):
+  """Builds `factory()` directly into its shardings: eval_shape, then a jitted init with out_shardings,
+  so no parameter is ever materialised whole on one device."""
+  abstract = nnx.eval_shape(factory)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh, rules)
+
+  def init():
+    return nnx.split(factory())[1]
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  """`with_sharding_constraint` by logical names under the current mesh; a no-op without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_pspec(axes, None, mesh, x.shape))
+
+
+def data_sharding(mesh: Mesh, ndim: int, rules: Rules | None = None) -> NamedSharding:
+  """Sharding of a batch array [B, ...]: batch over (data, fsdp), the rest replicated."""
+  return NamedSharding(mesh, logical_to_pspec(("batch",) + (None,) * (ndim - 1), rules, mesh))
