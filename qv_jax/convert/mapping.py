@@ -192,3 +192,10 @@ def load_into(module, arrays: Mapping[str, np.ndarray]) -> None:
       old = var.get_value()
       var.set_value(jnp.asarray(arrays[key], dtype=old.dtype))
   nnx.update(module, state)
+
+
+def with_prefix(table: Sequence[Rule], target_prefix: str = "", source_prefix: str = "") -> list[Rule]:
+  """The same rules under a source-name prefix (literal) and a target-path prefix, e.g. the compressor
+  table placed at `model.` -> `compressor/` inside the full Quicksviewer layout."""
+  return [Rule(re.escape(source_prefix) + r.source, tuple(target_prefix + t for t in r.targets),
+               r.transform, r.stack) for r in table]
