@@ -26,6 +26,8 @@ def data_defaults(size: str) -> ml_collections.ConfigDict:
       batch_size=2 if small else 8,           # global batch
       num_workers=0,
       prefetch=2,
+      read_threads=2,              # loader: threads decoding samples in each worker (or the main process)
+      read_buffer=4,               # loader: decoded samples buffered ahead per worker (memory: ~clip size each)
       shuffle_seed=0,
       drop_remainder=True,
   ))
@@ -45,4 +47,7 @@ def validate_data(d, model) -> None:
           f"{d.image_size} != model.vision.image_size {model.vision.image_size}")
   require(d.batch_size > 0, f"{f}.batch_size", f"must be positive, got {d.batch_size}")
   require(d.num_workers >= 0, f"{f}.num_workers", f"must be >= 0, got {d.num_workers}")
+  require(d.prefetch >= 1, f"{f}.prefetch", f"must be >= 1 batch per worker, got {d.prefetch}")
+  require(d.read_threads >= 0 and d.read_buffer >= 1, f"{f}.read_threads",
+          f"read_threads must be >= 0 and read_buffer >= 1, got {d.read_threads} and {d.read_buffer}")
   require(d.max_seq_len > 0 and d.max_text_len > 0, f"{f}.max_seq_len", "lengths must be positive")

@@ -41,8 +41,8 @@ def vision_defaults(size: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       base,
       layer_norm_eps=1e-6,
-      frame_chunk=16,          # frames per remat chunk through the tower
-      remat=True,
+      frame_chunk=16,          # frames per sample per step of `encode_frames` (lax.map over chunks)
+      remat=True,              # rematerialise each frame chunk and each encoder layer in the backward pass
   ))
 
 
@@ -69,9 +69,27 @@ def compressor_defaults(size: str) -> ml_collections.ConfigDict:
   ))
 
 
+# Decoder-only sizes for benchmarks and experiments (not model sizes: no vision/compressor section).
+# Qwen2.5-0.5B: ~494 M parameters, tied embeddings.
+DECODER_EXTRA_SIZES = {
+    "qwen2_0_5b": dict(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                       num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, rope_theta=1e6,
+                       rope_scaling=None, rms_norm_eps=1e-6, tie_embeddings=True, qkv_bias=True),
+}
+
+ATTENTION_IMPLS = ("plain", "chunked")
+
+
 def decoder_defaults(size: str) -> ml_collections.ConfigDict:
-  cfg = dict(_DECODER[size])
-  cfg.update(remat_policy="nothing_saveable", scan_layers=True)
+  """`model.decoder` for a model size or a `DECODER_EXTRA_SIZES` name.
+
+  attention_impl: "plain" holds the [B, heads, L, S] scores whole; "chunked" processes `attention_chunk`
+  queries at a time (exact, rematerialised per chunk), for long training sequences.
+  """
+  cfg = dict(_DECODER[size] if size in _DECODER else DECODER_EXTRA_SIZES[size])
+  small = cfg["hidden_size"] < 1024
+  cfg.update(remat_policy="nothing_saveable", scan_layers=True,
+             attention_impl="plain" if small else "chunked", attention_chunk=512)
   return ml_collections.ConfigDict(cfg)
 
 
@@ -96,12 +114,17 @@ def validate_vision(v) -> None:
   native = v.image_size // v.patch_size   # VALID conv: 384 // 14 = 27
   require(v.grid_out <= native, f"{f}.grid_out",
           f"{v.grid_out} exceeds the native patch grid {native}×{native}")
+  require(v.layer_norm_eps > 0, f"{f}.layer_norm_eps", f"must be positive, got {v.layer_norm_eps}")
+  require(isinstance(v.remat, bool), f"{f}.remat", f"must be True or False, got {v.remat!r}")
 
 
 def validate_compressor(c, vision) -> None:
   f = "model.compressor"
   require(c.embed_dim > 0 and c.embed_dim % 8 == 0, f"{f}.embed_dim",
           f"D={c.embed_dim} must be a positive multiple of 8 (3D sincos split 2/8 | 3/8 | 3/8)")
+  require(c.embed_dim % 16 == 0, f"{f}.embed_dim",
+          f"D={c.embed_dim}: the sincos parts D/8·2, D/8·3, D/8·3 must be even, so D must be a multiple "
+          f"of 16")
   require(c.num_heads > 0 and c.embed_dim % c.num_heads == 0, f"{f}.num_heads",
           f"{c.num_heads} heads do not divide embed_dim D={c.embed_dim}")
   require(c.vision_dim == vision.hidden_size, f"{f}.vision_dim",
@@ -119,22 +142,40 @@ def validate_compressor(c, vision) -> None:
   require(c.resampler_impl in ("fast", "plain"), f"{f}.resampler_impl",
           f"{c.resampler_impl!r}; expected 'fast' or 'plain'")
   require(c.token_chunk > 0, f"{f}.token_chunk", f"must be positive, got {c.token_chunk}")
+  require(c.vision_dim > 0 and c.grid_size > 0, f"{f}.vision_dim",
+          f"vision_dim {c.vision_dim} and grid_size {c.grid_size} must be positive")
+  for name in ("mlp_layer_norm_eps", "resampler_layer_norm_eps", "pos_temperature"):
+    require(c[name] > 0, f"{f}.{name}", f"must be positive, got {c[name]}")
 
 
-def validate_decoder(d, compressor) -> None:
+def validate_decoder(d, compressor=None) -> None:
+  """Checks `model.decoder`; with `compressor`, also that the resampler width matches."""
   f = "model.decoder"
   require(d.family in ("qwen2", "llama3"), f"{f}.family", f"{d.family!r}; expected 'qwen2' or 'llama3'")
-  require(d.hidden_size == compressor.embed_dim, f"{f}.hidden_size",
-          f"{d.hidden_size} != model.compressor.embed_dim {compressor.embed_dim}")
-  require(d.num_heads > 0 and d.num_kv_heads > 0 and d.num_heads % d.num_kv_heads == 0,
-          f"{f}.num_kv_heads", f"{d.num_kv_heads} KV heads do not divide {d.num_heads} heads")
+  for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim", "attention_chunk"):
+    require(int(d[name]) > 0, f"{f}.{name}", f"must be positive, got {d[name]}")
+  if compressor is not None:
+    require(d.hidden_size == compressor.embed_dim, f"{f}.hidden_size",
+            f"{d.hidden_size} != model.compressor.embed_dim {compressor.embed_dim}")
+  require(d.num_heads % d.num_kv_heads == 0, f"{f}.num_kv_heads",
+          f"{d.num_kv_heads} KV heads do not divide {d.num_heads} heads")
   require(d.head_dim % 2 == 0, f"{f}.head_dim", f"RoPE needs an even head_dim, got {d.head_dim}")
-  require(d.vocab_size > 0, f"{f}.vocab_size", f"must be positive, got {d.vocab_size}")
+  require(d.rope_theta > 0, f"{f}.rope_theta", f"must be positive, got {d.rope_theta}")
+  require(d.rms_norm_eps > 0, f"{f}.rms_norm_eps", f"must be positive, got {d.rms_norm_eps}")
   if d.rope_scaling is not None:
-    require(d.rope_scaling.get("type") == "llama3", f"{f}.rope_scaling.type",
-            f"{d.rope_scaling.get('type')!r}; only 'llama3' scaling is supported")
+    s = d.rope_scaling
+    require(s.get("type") == "llama3", f"{f}.rope_scaling.type",
+            f"{s.get('type')!r}; only 'llama3' scaling is supported")
+    for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+      require(name in s and float(s[name]) > 0, f"{f}.rope_scaling.{name}",
+              f"must be present and positive, got {s.get(name)!r}")
+    require(s["high_freq_factor"] > s["low_freq_factor"], f"{f}.rope_scaling.high_freq_factor",
+            f"{s['high_freq_factor']} must exceed low_freq_factor {s['low_freq_factor']}")
   require(d.remat_policy in REMAT_POLICIES, f"{f}.remat_policy",
           f"{d.remat_policy!r}; expected one of {REMAT_POLICIES}")
+  require(d.attention_impl in ATTENTION_IMPLS, f"{f}.attention_impl",
+          f"{d.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
 
 
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",

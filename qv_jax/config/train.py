@@ -12,6 +12,7 @@ STAGE_TRAINABLE = {
     3: ("compressor", "vision_tower", "decoder"),
 }
 STAGE_LEARNING_RATE = {1: 1e-4, 2: 1e-5, 3: 1e-5}
+PARAM_GROUPS = ("compressor", "embed_tokens", "lm_head", "vision_tower", "decoder")
 
 
 def train_defaults(stage: int) -> ml_collections.ConfigDict:
@@ -19,8 +20,8 @@ def train_defaults(stage: int) -> ml_collections.ConfigDict:
       stage=stage,
       learning_rate=STAGE_LEARNING_RATE.get(stage, 1e-5),
       warmup_ratio=0.02,
-      total_steps=1000,
-      grad_accum=1,
+      total_steps=1000,            # optimizer steps of this stage (the lr and η schedules span them)
+      grad_accum=1,                # micro-batches per optimizer step (data.batch_size is the whole step)
       grad_clip=1.0,
       adam_b1=0.9,
       adam_b2=0.999,
@@ -31,12 +32,19 @@ def train_defaults(stage: int) -> ml_collections.ConfigDict:
       gumbel_eta_min=0.01,
       gumbel_anneal_fraction=0.6,
       reference_frozen_vision_tower=False,
+      trainable_override=(),       # non-empty: these PARAM_GROUPS train instead of the stage's
+      encode_images=True,          # False: video-only data; skips the per-crop resampler pass
+      ce_chunk=2048,               # decoder positions per logits chunk in the loss (bounds [B, c, V])
       seed=0,
       workdir="",
-      init_from="",                # previous stage's checkpoint directory
+      init_from="",                # previous stage's checkpoint directory (a workdir or a step directory)
       checkpoint_every=500,
       keep_checkpoints=3,
+      async_checkpointing=True,
+      stop_at=0,                   # > 0: save and stop after this many steps (a clean interruption)
       log_every=10,
+      tensorboard=True,
+      progress_bar=True,
   ))
 
 
@@ -47,6 +55,22 @@ def validate_train(t) -> None:
   require(0 <= t.warmup_ratio < 1, f"{f}.warmup_ratio", f"{t.warmup_ratio} not in [0, 1)")
   require(t.total_steps > 0, f"{f}.total_steps", f"must be positive, got {t.total_steps}")
   require(t.grad_accum >= 1, f"{f}.grad_accum", f"must be >= 1, got {t.grad_accum}")
+  require(t.grad_clip > 0, f"{f}.grad_clip", f"must be positive, got {t.grad_clip}")
   require(0 < t.gumbel_anneal_fraction <= 1, f"{f}.gumbel_anneal_fraction",
           f"{t.gumbel_anneal_fraction} not in (0, 1]")
+  require(t.gumbel_eta_max >= t.gumbel_eta_min >= 0, f"{f}.gumbel_eta_min",
+          f"need gumbel_eta_max >= gumbel_eta_min >= 0, got {t.gumbel_eta_max} and {t.gumbel_eta_min}")
   require(t.keep_checkpoints >= 1, f"{f}.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+  require(t.checkpoint_every >= 1, f"{f}.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
+  require(t.log_every >= 1, f"{f}.log_every", f"must be >= 1, got {t.log_every}")
+  require(t.ce_chunk >= 1, f"{f}.ce_chunk", f"must be >= 1, got {t.ce_chunk}")
+  require(t.stop_at >= 0, f"{f}.stop_at", f"must be >= 0, got {t.stop_at}")
+  bad = [g for g in t.trainable_override if g not in PARAM_GROUPS]
+  require(not bad, f"{f}.trainable_override", f"unknown groups {bad}; expected some of {PARAM_GROUPS}")
+
+
+def validate_train_against(config) -> None:
+  """Cross-section checks: the batch must split into grad_accum equal micro-batches."""
+  t, d = config.train, config.data
+  require(d.batch_size % t.grad_accum == 0, "train.grad_accum",
+          f"{t.grad_accum} does not divide data.batch_size {d.batch_size}")

@@ -137,7 +137,8 @@ def apply_table(table: Sequence[Rule], names: Iterable[str], load: Callable[[str
       else:
         stacks.setdefault(path, {})[int(match.group(r.stack))] = v
 
-  for path, parts in stacks.items():
+  for path in list(stacks):
+    parts = stacks.pop(path)
     n = max(parts) + 1
     missing = [i for i in range(n) if i not in parts]
     if expected is not None and path in expected:
@@ -145,6 +146,10 @@ def apply_table(table: Sequence[Rule], names: Iterable[str], load: Callable[[str
       missing += [i for i in range(n, n_expected)]
     if missing:
       bad_shape.append(f"{path}: missing stacked entries {missing}")
+      continue
+    shapes = {i: tuple(v.shape) for i, v in sorted(parts.items())}
+    if len(set(shapes.values())) > 1:
+      bad_shape.append(f"{path}: stacked entries differ in shape {shapes}")
       continue
     emit(path, np.stack([parts[i] for i in range(n)]))
     del parts

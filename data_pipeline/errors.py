@@ -1,0 +1,24 @@
+"""The one exception a bad sample raises; the loader skips the sample and counts it by `.reason`."""
+
+REASONS = (
+    "missing_file",       # path does not exist / cannot be opened
+    "empty_file",         # zero bytes
+    "corrupt",            # container or stream cannot be parsed / decoding failed
+    "no_video_stream",    # e.g. an audio-only file
+    "unsupported_codec",  # no decoder for the video stream's codec
+    "zero_frames",        # the stream decodes to no frames at the sampled indices
+    "too_few_frames",     # fewer than min_frames frames even after the fps+1 retry
+    "bad_image",          # an image that cannot be decoded
+    "bad_text",           # empty, non-UTF-8 or malformed conversation
+    "bad_conversation",   # roles / <image> placeholders do not fit the modality
+)
+
+
+class BadSampleError(Exception):
+  """A sample that cannot be used. `.reason` is one of REASONS; `.source` names the file or sample."""
+
+  def __init__(self, reason: str, message: str, source: str | None = None):
+    self.reason = reason
+    self.source = source
+    where = f"{source}: " if source else ""
+    super().__init__(f"{where}{message} [{reason}]")

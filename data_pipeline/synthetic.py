@@ -1,0 +1,167 @@
+"""Procedural scene videos with known cuts, for the CPU demo and tests.
+
+A video lasts N whole seconds and is cut into scenes at whole seconds. Each scene is a solid background
+(a random grey level) with one moving shape of a named colour; its caption lists the scenes in order,
+"red circle, then blue square, then green triangle.". With 1-fps sampling (SPEC §1.1: the frame from the
+middle of each second) frame f shows the scene that covers second f, so a scene starting at second c starts
+at sampled frame c: the true cube boundaries are the cut seconds. By default a video gets as many scenes as
+Quicksviewer gives it cubes (k + 1 = max(round(N/5) - 1, 1) + 1), so a perfect partition exists.
+
+    write_dataset(out_dir, num_videos=200, seed=0)   # videos/*.mp4, train.jsonl, truth.json
+
+The jsonl follows the loader's format ({"id", "video", "conversations"}); truth.json maps each id to its
+frame count, cut frames and scenes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+COLOURS = {
+    "red": (220, 30, 30), "green": (30, 190, 40), "blue": (40, 60, 230), "yellow": (235, 220, 40),
+    "purple": (150, 40, 200), "orange": (245, 140, 20), "cyan": (40, 210, 220), "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle")
+QUESTION = "Describe the scenes in order."
+
+
+@dataclasses.dataclass
+class Scene:
+  colour: str
+  shape: str
+  start: int          # first second (= first sampled frame)
+  end: int            # one past the last second
+  background: int     # grey level
+  size: float         # shape radius as a fraction of the frame
+  x0: float           # start and end centre (fractions of the frame)
+  y0: float
+  x1: float
+  y1: float
+
+
+@dataclasses.dataclass
+class SceneVideo:
+  video_id: str
+  seconds: int
+  scenes: list[Scene]
+
+  @property
+  def cuts(self) -> list[int]:
+    """Frames (= seconds) where a new scene starts, excluding frame 0."""
+    return [s.start for s in self.scenes[1:]]
+
+  @property
+  def caption(self) -> str:
+    return ", then ".join(f"{s.colour} {s.shape}" for s in self.scenes) + "."
+
+
+def num_cubes(num_frames: int, frames_per_cube: int = 5) -> int:
+  return max(round(num_frames / frames_per_cube) - 1, 1) + 1
+
+
+def random_video(rng: np.random.Generator, video_id: str, *, min_seconds: int = 12, max_seconds: int = 16,
+                 min_scene: int = 2, scenes: int | None = None, frames_per_cube: int = 5) -> SceneVideo:
+  """A random scene schedule: consecutive scenes differ in colour and shape."""
+  seconds = int(rng.integers(min_seconds, max_seconds + 1))
+  count = scenes or num_cubes(seconds, frames_per_cube)
+  count = min(count, seconds // min_scene)
+  slack = seconds - count * min_scene
+  extra = rng.multinomial(slack, np.ones(count) / count)
+  lengths = min_scene + extra
+  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+  out, prev = [], None
+  names = list(COLOURS)
+  for start, length in zip(starts, lengths):
+    while True:
+      colour, shape = names[rng.integers(len(names))], SHAPES[rng.integers(len(SHAPES))]
+      if prev is None or (colour != prev.colour and shape != prev.shape):
+        break
+    x0, y0, x1, y1 = rng.uniform(0.3, 0.7, size=4)
+    prev = Scene(colour, shape, int(start), int(start + length), int(rng.integers(0, 90)),
+                 float(rng.uniform(0.2, 0.3)), x0, y0, x1, y1)
+    out.append(prev)
+  return SceneVideo(video_id, seconds, out)
+
+
+def render_frame(scene: Scene, t: float, size: int) -> np.ndarray:
+  """uint8 [size, size, 3] of `scene` at fraction t ∈ [0, 1] of its duration."""
+  img = np.full((size, size, 3), scene.background, np.uint8)
+  cx = (scene.x0 + (scene.x1 - scene.x0) * t) * size
+  cy = (scene.y0 + (scene.y1 - scene.y0) * t) * size
+  r = scene.size * size
+  yy, xx = np.mgrid[0:size, 0:size] + 0.5
+  if scene.shape == "circle":
+    inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+  elif scene.shape == "square":
+    inside = (np.abs(xx - cx) <= r * 0.85) & (np.abs(yy - cy) <= r * 0.85)
+  else:
+    inside = (yy >= cy - r) & (yy <= cy + r * 0.8) & (np.abs(xx - cx) <= (yy - (cy - r)) * 0.6)
+  img[inside] = COLOURS[scene.colour]
+  return img
+
+
+def encode_video(video: SceneVideo, path: str, *, size: int = 112, fps: int = 4, codec: str = "libx264"):
+  """Writes the video with PyAV (`fps` frames per second, yuv420p)."""
+  import av
+  with av.open(path, mode="w") as container:
+    stream = container.add_stream(codec, rate=fps)
+    stream.width = stream.height = size
+    stream.pix_fmt = "yuv420p"
+    if codec == "libx264":
+      stream.options = {"preset": "ultrafast", "crf": "18"}
+    for i in range(video.seconds * fps):
+      second = i / fps
+      scene = next(s for s in video.scenes if s.start <= second < s.end)
+      t = (second - scene.start) / max(scene.end - scene.start, 1e-9)
+      frame = av.VideoFrame.from_ndarray(render_frame(scene, t, size), format="rgb24")
+      for packet in stream.encode(frame):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+
+
+def conversation(video: SceneVideo) -> list[dict]:
+  return [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": video.caption}]
+
+
+def write_dataset(out_dir: str, *, num_videos: int, seed: int = 0, split: str = "train", size: int = 112,
+                  fps: int = 4, min_seconds: int = 12, max_seconds: int = 16, frames_per_cube: int = 5
+                  ) -> dict:
+  """Encodes `num_videos` videos under out_dir/videos and writes out_dir/{split}.jsonl and
+  out_dir/{split}_truth.json. Returns {"jsonl", "media_root", "truth", "captions"}."""
+  os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
+  rng = np.random.default_rng(seed)
+  jsonl = os.path.join(out_dir, f"{split}.jsonl")
+  truth, captions = {}, []
+  with open(jsonl, "w") as f:
+    for i in range(num_videos):
+      vid = f"{split}_{i:05d}"
+      video = random_video(rng, vid, min_seconds=min_seconds, max_seconds=max_seconds,
+                           frames_per_cube=frames_per_cube)
+      rel = f"videos/{vid}.mp4"
+      encode_video(video, os.path.join(out_dir, rel), size=size, fps=fps)
+      f.write(json.dumps({"id": vid, "video": rel, "conversations": conversation(video)}) + "\n")
+      truth[vid] = {"seconds": video.seconds, "cuts": video.cuts, "caption": video.caption,
+                    "scenes": [dataclasses.asdict(s) for s in video.scenes]}
+      captions.append(video.caption)
+  truth_path = os.path.join(out_dir, f"{split}_truth.json")
+  with open(truth_path, "w") as f:
+    json.dump(truth, f)
+  return {"jsonl": jsonl, "media_root": out_dir, "truth": truth_path, "captions": captions}
+
+
+def boundary_scores(predicted: list[int], true: list[int], tolerance: int = 1) -> tuple[int, int, int]:
+  """(true positives, predicted count, true count) for inner boundaries with a ±tolerance-frame match;
+  each true cut matches at most one prediction (greedy, nearest first)."""
+  unused = sorted(true)
+  tp = 0
+  for p in sorted(predicted):
+    best = min(unused, key=lambda c: abs(c - p), default=None)
+    if best is not None and abs(best - p) <= tolerance:
+      tp += 1
+      unused.remove(best)
+  return tp, len(predicted), len(true)

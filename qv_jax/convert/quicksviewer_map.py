@@ -1,0 +1,299 @@
+"""Checkpoint layouts, their composed tables, the config they imply, and the streaming conversion.
+
+Layouts (targets are whole-model param paths, so partial conversions combine):
+
+  siglip        HF SigLIP, `vision_model.*` or unprefixed                 -> vision_tower/...
+  decoder       HF Qwen2 / Qwen2.5 / Llama 3.x, `model.*` and `lm_head`   -> decoder/...
+  quicksviewer  the released checkpoint (SPEC §8): SigLIP under `model.vision_tower.vision_tower.`,
+                resampler `model.vision_resampler.`, cubing `model.cubing.`, LLM `model.embed_tokens|
+                layers|norm` and `lm_head`                                -> vision_tower/, compressor/, decoder/
+
+`convert_tensors` streams: it plans which source tensors make which target param (names only), checks
+that nothing is unmatched, missing or extra before reading a byte, then builds one target param at a time
+(a stacked [L, ...] param from its L layer tensors), hands it to a sink (the orbax writer) and drops it.
+Peak memory is about twice the largest target param, never the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import ml_collections
+import numpy as np
+
+from qv_jax.batch import SPECIAL_TOKENS
+from qv_jax.convert.mapping import MappingError, Rule, apply_table, with_prefix
+from qv_jax.convert.siglip_map import (SIGLIP_IGNORE, SIGLIP_MODEL_TYPES, SIGLIP_TABLE,
+                                       expected_vision_shapes, vision_config_from_hf)
+
+LAYOUTS = ("siglip", "decoder", "quicksviewer")
+LAYOUT_PARTS = {"siglip": ("vision_tower",), "decoder": ("decoder",),
+                "quicksviewer": ("vision_tower", "compressor", "decoder")}
+QV_VISION_PREFIX = "model.vision_tower.vision_tower."
+QV_COMPRESSOR_PREFIX = "model."
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+
+_QV_MARKERS = ("model.vision_tower.", "model.vision_resampler.", "model.cubing.")
+_SIGLIP_NAME = re.compile(r"(?:vision_model\.)?(?:embeddings|encoder\.layers)\.")
+_DECODER_NAME = re.compile(r"model\.(?:layers\.\d+|embed_tokens)\.")
+
+
+def detect_layout(names: Iterable[str], config_json: Mapping | None = None) -> str:
+  """The layout from the tensor names (decisive), else from config.json `model_type`."""
+  names = list(names)
+  if any(n.startswith(_QV_MARKERS) for n in names):
+    return "quicksviewer"
+  if any(_SIGLIP_NAME.match(n) for n in names):
+    return "siglip"
+  if any(_DECODER_NAME.match(n) for n in names):
+    return "decoder"
+  model_type = str((config_json or {}).get("model_type", "")).lower()
+  if "quicksviewer" in model_type or "llava" in model_type:
+    return "quicksviewer"
+  if model_type in SIGLIP_MODEL_TYPES:
+    return "siglip"
+  if model_type in ("qwen2", "llama"):
+    return "decoder"
+  raise MappingError(f"cannot tell the checkpoint layout from its {len(names)} tensor names (e.g. "
+                     f"{names[:3]}) or model_type {model_type!r}; pass --layout one of {LAYOUTS}")
+
+
+def _check_layout(layout: str) -> None:
+  if layout not in LAYOUTS:
+    raise MappingError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def layout_table(layout: str, model_config) -> tuple[list[Rule], list[str]]:
+  """(rules, ignore regexes) from source names to whole-model param paths."""
+  from qv_jax.convert.decoder_map import decoder_ignore, decoder_table
+  _check_layout(layout)
+  if layout == "siglip":
+    return with_prefix(SIGLIP_TABLE, "vision_tower/"), list(SIGLIP_IGNORE)
+  if layout == "decoder":
+    return with_prefix(decoder_table(model_config), "decoder/"), list(decoder_ignore(model_config))
+  from qv_jax.convert import compressor_map
+  rules = (with_prefix(SIGLIP_TABLE, "vision_tower/", QV_VISION_PREFIX)
+           + with_prefix(compressor_map.COMPRESSOR_TABLE, "compressor/", QV_COMPRESSOR_PREFIX)
+           + with_prefix(decoder_table(model_config), "decoder/"))
+  ignore = ([re.escape(QV_VISION_PREFIX) + p for p in SIGLIP_IGNORE]
+            + [re.escape(QV_COMPRESSOR_PREFIX) + p for p in getattr(compressor_map, "COMPRESSOR_IGNORE", ())]
+            + list(decoder_ignore(model_config)))
+  return rules, ignore
+
+
+def expected_shapes(layout: str, model_config) -> dict[str, tuple[int, ...]]:
+  """{whole-model param path: shape} of the parts the layout holds, built abstractly."""
+  _check_layout(layout)
+  parts = LAYOUT_PARTS[layout]
+  out = {}
+  if "vision_tower" in parts:
+    out.update({f"vision_tower/{p}": s for p, s in expected_vision_shapes(model_config).items()})
+  if "compressor" in parts:
+    from flax import nnx
+
+    from qv_jax.convert.mapping import state_paths
+    from qv_jax.model.compressor import Compressor
+    abstract = nnx.eval_shape(lambda: Compressor(model_config, rngs=nnx.Rngs(0)))
+    out.update({f"compressor/{p}": s for p, s in state_paths(nnx.state(abstract)).items()})
+  if "decoder" in parts:
+    from qv_jax.convert.decoder_map import expected_decoder_shapes
+    out.update({f"decoder/{p}": s for p, s in expected_decoder_shapes(model_config).items()})
+  return out
+
+
+# --- the config a checkpoint implies -------------------------------------------------------------
+
+def _so400m_like(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> bool:
+  patch = shapes.get(prefix + "vision_model.embeddings.patch_embedding.weight",
+                     shapes.get(prefix + "embeddings.patch_embedding.weight"))
+  return patch is not None and tuple(patch) == (1152, 3, 14, 14)
+
+
+def derive_config(sources: Iterable[tuple[str, Mapping | None, Mapping[str, tuple[int, ...]]]],
+                  size: str | None = None) -> ml_collections.ConfigDict:
+  """The qv-jax config for one or more checkpoints, each given as (layout, config.json dict or None,
+  {tensor name: shape}). With `size`: the preset of that size (the checkpoints must fit it). Without:
+  each part comes from the checkpoint holding it (SigLIP / Qwen2 / Llama config.json fields; for a
+  Quicksviewer checkpoint its LLM fields, `vision_config` or the so400m preset, and `num_queries`,
+  `num_heads`), the rest from the matching released size. Validated."""
+  from configs.quicksviewer import get_config
+  from qv_jax.config import validate
+  from qv_jax.convert.decoder_map import decoder_config_from_hf
+  sources = list(sources)
+  seen: dict[str, str] = {}
+  for layout, _, _ in sources:
+    _check_layout(layout)
+    for part in LAYOUT_PARTS[layout]:
+      if part in seen:
+        raise MappingError(f"two sources hold the {part} ({seen[part]} and {layout} layouts)")
+      seen[part] = layout
+  if size:
+    return validate(get_config(f"size={size}"))
+  decoder, vision, qv_json = None, None, {}
+  for layout, config_json, shapes in sources:
+    cj = dict(config_json or {})
+    if not cj:
+      raise MappingError(f"the {layout} checkpoint has no config.json; pass --size to name its config")
+    if layout in ("decoder", "quicksviewer"):
+      decoder = decoder_config_from_hf(cj)
+    if layout == "siglip":
+      vision = vision_config_from_hf(cj)
+    elif layout == "quicksviewer":
+      qv_json = cj
+      if cj.get("vision_config"):
+        vision = vision_config_from_hf(cj["vision_config"])
+      elif not _so400m_like(shapes, QV_VISION_PREFIX):
+        raise MappingError("the Quicksviewer config.json has no vision_config and the tower is not "
+                           "SigLIP so400m/14 (patch_embedding [1152, 3, 14, 14]); pass --size")
+  config = get_config("size=" + ("llama3_8b" if decoder is not None and decoder.family == "llama3"
+                                 else "qwen2_7b"))
+  m = config.model
+  if decoder is not None:
+    for key in ("remat_policy", "scan_layers"):
+      decoder[key] = m.decoder[key]
+    m.decoder = decoder
+  if vision is not None:
+    m.vision.update(vision)
+  c, v, d = m.compressor, m.vision, m.decoder
+  c.vision_dim, c.grid_size, c.embed_dim = v.hidden_size, v.grid_out, d.hidden_size
+  c.num_heads = int(qv_json.get("num_heads") or (d.hidden_size // 128 if d.hidden_size >= 1024 else 4))
+  c.num_queries = int(qv_json.get("num_queries") or
+                      (64 if d.hidden_size >= 1024 else v.grid_out ** 2 // c.thumbnail_pool))
+  config.data.image_size = v.image_size
+  return validate(config)
+
+
+# --- vocabulary resizing ---------------------------------------------------------------------------
+
+def resize_vocab_rows(table: np.ndarray, vocab_size: int, num_new: int = len(SPECIAL_TOKENS)
+                      ) -> np.ndarray:
+  """[R, D] embedding / lm_head rows -> [vocab_size, D] as the reference builds its vocabulary: keep the
+  first min(R, vocab_size − num_new) rows (the tokenizer's; Qwen2.5 pads 152064 rows for 151665 tokens)
+  and fill the rest with the mean of the kept rows (`initialize_vision_tokenizer`, SPEC §8)."""
+  keep = min(table.shape[0], vocab_size - num_new)
+  if keep <= 0:
+    raise MappingError(f"cannot resize a vocabulary of {table.shape[0]} rows to {vocab_size}")
+  kept = table[:keep]
+  mean = kept.astype(np.float64).mean(axis=0).astype(table.dtype)
+  return np.concatenate([kept, np.broadcast_to(mean, (vocab_size - keep,) + table.shape[1:])])
+
+
+# --- streaming conversion --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ConversionReport:
+  layout: str
+  mapped: list[tuple[str, tuple[str, ...]]]
+  ignored: list[str]
+  params: dict[str, tuple[tuple[int, ...], str]]
+  source_bytes: int
+  seconds: float
+
+  def summary(self) -> str:
+    return (f"{self.layout}: mapped {len(self.mapped)} source tensors to {len(self.params)} params, "
+            f"ignored {len(self.ignored)}, read {self.source_bytes / 2**20:.1f} MiB in {self.seconds:.1f} s")
+
+
+def plan(table: Iterable[Rule], names: Iterable[str], ignore: Iterable[str] = ()
+         ) -> tuple[dict[tuple[str, ...], list[str]], list[str], list[str]]:
+  """Groups source names by the target params they build, first matching rule wins (as `apply_table`).
+  Returns ({target paths: [source names]}, ignored names, unmatched names). Reads no tensor."""
+  compiled = [(re.compile(r.source), r) for r in table]
+  ignore_re = [re.compile(p) for p in ignore]
+  groups: dict[tuple[str, ...], list[str]] = {}
+  ignored, unmatched = [], []
+  for name in names:
+    for regex, r in compiled:
+      match = regex.fullmatch(name)
+      if match:
+        key = tuple(t.format(**match.groupdict()) for t in r.targets)
+        groups.setdefault(key, []).append(name)
+        break
+    else:
+      (ignored if any(p.fullmatch(name) for p in ignore_re) else unmatched).append(name)
+  return groups, ignored, unmatched
+
+
+def _fmt_source(names: Iterable[str], shape: Callable[[str], Any], dtype: Callable[[str], Any]) -> str:
+  return "\n".join(f"  {n}: {list(shape(n))} {dtype(n)}" for n in names)
+
+
+def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.ndarray], None], *,
+                    resize_vocab: bool = False, dtype: Any = None, progress: bool = True
+                    ) -> ConversionReport:
+  """Streams `reader`'s tensors (a `SafetensorsReader` or anything with names/shape/dtype/nbytes/load)
+  into `sink(path, array)`, one whole-model target param at a time.
+
+  resize_vocab: resize `model.embed_tokens.weight` / `lm_head.weight` rows to the config's vocab_size
+  (`resize_vocab_rows`) when they differ. dtype: cast every param (None keeps the source dtype).
+  Raises `MappingError` listing unmatched source names, missing / extra / duplicated targets (before
+  reading anything) and mis-shaped tensors (source names and shapes included).
+  """
+  start = time.perf_counter()
+  table, ignore = layout_table(layout, model_config)
+  expected = expected_shapes(layout, model_config)
+  names = reader.names()
+  groups, ignored, unmatched = plan(table, names, ignore)
+
+  problems = []
+  if unmatched:
+    problems.append("source tensors no rule maps:\n" + _fmt_source(unmatched, reader.shape, reader.dtype))
+  owner: dict[str, list[str]] = {}
+  for paths, group in groups.items():
+    for p in paths:
+      owner.setdefault(p, []).extend(group)
+  twice = [p for paths in groups for p in paths if sum(p in other for other in groups) > 1]
+  if twice:
+    problems.append("targets written by several rules:\n" + "\n".join(f"  {p}" for p in sorted(set(twice))))
+  missing = sorted(set(expected) - set(owner))
+  if missing:
+    problems.append("target params no source tensor provides:\n" +
+                    "\n".join(f"  {p}: {list(expected[p])}" for p in missing))
+  extra = sorted(set(owner) - set(expected))
+  if extra:
+    problems.append("targets the model does not have (from source tensors):\n" +
+                    "\n".join(f"  {p} <- {owner[p][:3]}" for p in extra))
+  if problems:
+    raise MappingError(f"{layout} checkpoint does not match the model config:\n" + "\n".join(problems))
+
+  vocab = int(model_config.decoder.vocab_size) if "decoder" in LAYOUT_PARTS[layout] else None
+
+  def load(name: str) -> np.ndarray:
+    array = reader.load(name)
+    bar.update(reader.nbytes(name))
+    if resize_vocab and name in VOCAB_TENSORS and array.shape[0] != vocab:
+      array = resize_vocab_rows(array, vocab)
+    return array
+
+  params: dict[str, tuple[tuple[int, ...], str]] = {}
+  failures: list[str] = []
+
+  def write(path: str, array: np.ndarray) -> None:
+    if dtype is not None:
+      array = array.astype(dtype)
+    if not failures:
+      sink(path, array)
+    params[path] = (tuple(array.shape), str(array.dtype))
+
+  first = {n: i for i, n in enumerate(names)}
+  mapped = []
+  total = sum(reader.nbytes(n) for g in groups.values() for n in g)
+  from tqdm.auto import tqdm
+  with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {layout}", disable=not progress) as bar:
+    for paths, group in sorted(groups.items(), key=lambda kv: first[kv[1][0]]):
+      try:
+        _, report = apply_table(table, group, load, {p: expected[p] for p in paths}, sink=write)
+        mapped.extend(report.mapped)
+      except MappingError as e:
+        hint = ""
+        if any(n in VOCAB_TENSORS for n in group) and not resize_vocab:
+          hint = f"\n  (vocabulary rows differ from vocab_size {vocab}: --resize-vocab adapts them)"
+        failures.append(str(e).replace("checkpoint does not match the model:\n", "") +
+                        "\n  from:\n" + _fmt_source(group, reader.shape, reader.dtype) + hint)
+  if failures:
+    raise MappingError(f"{layout} checkpoint does not match the model config:\n" + "\n".join(failures))
+  return ConversionReport(layout=layout, mapped=mapped, ignored=ignored, params=params, source_bytes=total,
+                          seconds=time.perf_counter() - start)

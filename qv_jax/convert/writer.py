@@ -1,0 +1,211 @@
+"""Writing converted params to orbax one param at a time, and reading them back.
+
+A converted directory holds:
+
+  params/          an orbax checkpoint (orbax v1 layout) of the nested param dict, full-model paths
+                   (`vision_tower/...`, `compressor/...`, `decoder/...`), in the stored dtype
+  config.json      the qv-jax config the params belong to (`ConfigDict.to_json`)
+  conversion.json  what was converted: layout, source, {path: [shape, dtype]}, mapped and ignored names
+
+`ParamWriter` streams: each `add(path, array)` is buffered until `flush_bytes` and then written by an
+orbax partial save, so the process never holds more than the buffer plus the param being built.
+`load_converted(dir)` returns (config, params), either as host numpy arrays or, given a target
+(an abstract or concrete nnx State / pytree of `jax.ShapeDtypeStruct`s), restored straight into the
+target's dtypes and shardings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from qv_jax.convert.mapping import MappingError
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+REPORT_FILE = "conversion.json"
+_PARTIAL_SUFFIX = ".partial_save"   # orbax's temporary directory of an unfinished partial save
+
+
+def _ocp():
+  from orbax.checkpoint.experimental import v1 as ocp
+  return ocp
+
+
+def nest(flat: Mapping[str, Any]) -> dict:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return out
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Inverse of `nest`."""
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(flatten(value, path + "/"))
+    else:
+      out[path] = value
+  return out
+
+
+class ParamWriter:
+  """Streams {path: array} into `directory/params` with orbax partial saves; `finalize` commits."""
+
+  def __init__(self, directory: str | os.PathLike, *, flush_bytes: int = 256 << 20):
+    self.directory = Path(directory)
+    self.path = self.directory / PARAMS_DIR
+    self.flush_bytes = flush_bytes
+    self._buffer: dict[str, np.ndarray] = {}
+    self._buffered = 0
+    self.written: dict[str, tuple[tuple[int, ...], str]] = {}
+    if self.path.exists():
+      raise FileExistsError(f"{self.path} already exists")
+    self.directory.mkdir(parents=True, exist_ok=True)
+    self._remove_partial()
+
+  def add(self, path: str, array: np.ndarray) -> None:
+    if path in self.written:
+      raise MappingError(f"param {path} written twice")
+    array = np.ascontiguousarray(array)
+    self.written[path] = (tuple(array.shape), str(array.dtype))
+    self._buffer[path] = array
+    self._buffered += array.nbytes
+    if self._buffered >= self.flush_bytes:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._buffer:
+      _ocp().partial.save(self.path, nest(self._buffer))
+    self._buffer.clear()
+    self._buffered = 0
+
+  def finalize(self) -> None:
+    self.flush()
+    if not self.written:
+      raise MappingError("no params were converted")
+    _ocp().partial.finalize(self.path)
+
+  def abort(self) -> None:
+    self._buffer.clear()
+    self._remove_partial()
+
+  def _remove_partial(self) -> None:
+    partial = self.path.parent / (self.path.name + _PARTIAL_SUFFIX)
+    if partial.exists():
+      shutil.rmtree(partial)
+
+
+def write_metadata(directory: str | os.PathLike, config: ml_collections.ConfigDict, report: dict) -> None:
+  directory = Path(directory)
+  (directory / CONFIG_FILE).write_text(config.to_json(indent=2) + "\n")
+  (directory / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def read_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The validated config of a converted directory."""
+  from qv_jax.config import validate
+  file = Path(directory) / CONFIG_FILE
+  if not file.exists():
+    raise FileNotFoundError(f"{file}: not a converted checkpoint directory (no {CONFIG_FILE})")
+  config = ml_collections.ConfigDict(json.loads(file.read_text()))
+  if config.model.decoder.get("rope_scaling") is not None:
+    config.model.decoder.rope_scaling = ml_collections.ConfigDict(config.model.decoder.rope_scaling)
+  return validate(config)
+
+
+def converted_params(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{param path: (shape, stored dtype)} of a converted directory, without reading any array."""
+  file = Path(directory) / REPORT_FILE
+  if not file.exists():
+    raise FileNotFoundError(f"{file}: not a converted checkpoint directory (no {REPORT_FILE})")
+  params = json.loads(file.read_text())["params"]
+  return {path: (tuple(shape), dtype) for path, (shape, dtype) in params.items()}
+
+
+def _target_leaves(target) -> dict[str, Any]:
+  """{path: leaf} of a target: an nnx State (of Variables or raw leaves) or a nested dict."""
+  from flax import nnx
+  if isinstance(target, nnx.State):
+    flat = nnx.to_flat_state(target)
+    return {"/".join(str(p) for p in path): (v.get_value() if isinstance(v, nnx.Variable) else v)
+            for path, v in flat}
+  return flatten(target)
+
+
+def _abstract(leaf) -> jax.ShapeDtypeStruct:
+  """The leaf's shape, dtype and sharding; unsharded leaves go to the default device."""
+  sharding = getattr(leaf, "sharding", None)
+  if not isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+def load_converted(directory: str | os.PathLike, target: Any = None, *, part: str | None = None,
+                   strict: bool = False) -> tuple[ml_collections.ConfigDict, Any]:
+  """Reads a `qv-convert` output: (config, params).
+
+  target None: params is the nested dict of host numpy arrays, as stored (full-model paths).
+  target given (the model's nnx State, abstract or concrete, e.g. `nnx.state(nnx.eval_shape(...))`, or a
+  nested dict of arrays / `jax.ShapeDtypeStruct`s): every stored param must exist in the target with the
+  same shape; it is restored in the target leaf's dtype and, where the leaf has one, its sharding (each
+  process reads only its shards). Returns an nnx State holding just the stored params (apply with
+  `nnx.update(model, params)`); with strict=True every target leaf must be stored. Mismatches raise
+  `MappingError` listing the paths and shapes.
+  part: one model part ("vision_tower", "compressor", "decoder"): only its params are read, and paths
+  (of the target and the result) are relative to it, e.g. to fill a lone `SiglipVisionTower`.
+  """
+  ocp = _ocp()
+  directory = Path(directory)
+  config = read_config(directory)
+  stored = converted_params(directory)
+  if part is not None:
+    prefix = part.rstrip("/") + "/"
+    stored = {p[len(prefix):]: v for p, v in stored.items() if p.startswith(prefix)}
+    if not stored:
+      raise MappingError(f"{directory}: holds no {part} params")
+  if target is None:
+    params = ocp.load(directory / PARAMS_DIR)
+    return config, (params if part is None else params[part.rstrip("/")])
+  leaves = _target_leaves(target)
+  problems = []
+  missing = sorted(set(stored) - set(leaves))
+  if missing:
+    problems.append("stored params the target does not have:\n" +
+                    "\n".join(f"  {p}: {list(stored[p][0])}" for p in missing))
+  bad = [f"  {p}: stored {list(stored[p][0])}, target {list(leaves[p].shape)}"
+         for p in sorted(set(stored) & set(leaves)) if tuple(leaves[p].shape) != stored[p][0]]
+  if bad:
+    problems.append("mis-shaped params:\n" + "\n".join(bad))
+  if strict:
+    absent = sorted(set(leaves) - set(stored))
+    if absent:
+      problems.append("target params the checkpoint does not hold:\n" +
+                      "\n".join(f"  {p}: {list(leaves[p].shape)}" for p in absent))
+  if problems:
+    raise MappingError(f"{directory}: converted params do not match the target:\n" + "\n".join(problems))
+  abstract = nest({p: _abstract(leaves[p]) for p in stored})
+  if part is not None:
+    abstract = {part.rstrip("/"): abstract}
+  context = ocp.Context()
+  context.pytree.loading.partial_load = True   # the abstract tree may cover only some stored parts
+  with context:
+    restored = ocp.load(directory / PARAMS_DIR, abstract)
+  if part is not None:
+    restored = restored[part.rstrip("/")]
+  from flax import nnx
+  return config, nnx.State(restored)

@@ -1,0 +1,1 @@
+"""Model parts: vision tower, compressor (cubing + resampler + thumbnail), decoder, the whole model."""

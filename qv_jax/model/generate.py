@@ -1,0 +1,147 @@
+"""Autoregressive generation with the decoder's static-shape KV cache.
+
+One jitted program: prefill the prompt (ids, or the multimodal prompt as embeddings) into a cache of
+P + max_new_tokens - 1 slots, then a `lax.while_loop` that feeds one token per step at the next slot
+(dynamic_update_slice) until every sequence has emitted an EOS or `max_new_tokens` are out. Greedy, or
+temperature / top-k / top-p sampling with an explicit key (step s uses fold_in(key, s)), plus HF's
+repetition penalty. Prompts may be padded anywhere (mask False): each sequence continues from its own last
+valid token and position, so padding changes nothing.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def filter_logits(logits: jax.Array, *, temperature: float | jax.Array = 1.0, top_k: int = 0,
+                  top_p: float | jax.Array = 1.0, use_top_p: bool | None = None) -> jax.Array:
+  """HF's warpers in HF's order on logits [B, V] (fp32): divide by temperature, keep the top_k largest
+  (0: all), keep the smallest set of largest-probability tokens whose mass reaches top_p (at least one).
+  Removed tokens get -inf. `use_top_p` (static) defaults to top_p < 1 when top_p is a Python float."""
+  logits = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if use_top_p if use_top_p is not None else float(top_p) < 1.0:
+    ordered = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (mass_before < jnp.asarray(top_p, jnp.float32)).at[..., 0].set(True)
+    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return logits
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float | jax.Array = 1.0, top_k: int = 0,
+                  top_p: float | jax.Array = 1.0, use_top_p: bool | None = None) -> jax.Array:
+  """Samples ids [B] int32 from logits [B, V] after `filter_logits`."""
+  logits = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, use_top_p=use_top_p)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _penalize(logits, seen, penalty):
+  """HF RepetitionPenaltyLogitsProcessor on tokens already in the sequence."""
+  return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "pad_id", "greedy", "top_k",
+                                   "use_top_p", "repetition_penalty", "cache_dtype"))
+def _generate(state, input_ids, inputs_embeds, mask, positions, temperature, top_p, key, *, graphdef,
+              max_new_tokens, eos_ids, pad_id, greedy, top_k, use_top_p, repetition_penalty, cache_dtype):
+  decoder = nnx.merge(graphdef, state)
+  batch, prompt_len = mask.shape
+  slots = jnp.arange(prompt_len, dtype=jnp.int32)
+  last_slot = jnp.max(jnp.where(mask, slots, 0), axis=1)
+  next_position = jnp.max(jnp.where(mask, positions, -1), axis=1) + 1
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  penalize = repetition_penalty != 1.0
+
+  seen = None
+  if penalize:
+    seen = jnp.zeros((batch, decoder.vocab_size), bool)
+    if input_ids is not None:
+      rows = jnp.broadcast_to(jnp.arange(batch)[:, None], input_ids.shape)
+      real = mask & (input_ids >= 0) & (input_ids < decoder.vocab_size)
+      seen = seen.at[rows, jnp.where(real, input_ids, decoder.vocab_size)].set(True, mode="drop")
+
+  def select(logits, step, seen):
+    if penalize:
+      logits = _penalize(logits, seen, repetition_penalty)
+    if greedy:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return sample_logits(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k,
+                         top_p=top_p, use_top_p=use_top_p)
+
+  def mark(seen, tok):
+    return None if seen is None else seen.at[jnp.arange(batch), tok].set(True)
+
+  cache = decoder.init_cache(batch, prompt_len + max_new_tokens - 1, cache_dtype)
+  hidden, cache = decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, positions=positions, mask=mask,
+                          cache=cache, return_hidden=True)
+  last_hidden = jnp.take_along_axis(hidden, last_slot[:, None, None], axis=1)
+  tok = select(decoder.logits_from_hidden(last_hidden)[:, 0], 0, seen)
+  finished = jnp.isin(tok, eos)
+  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+  seen = mark(seen, tok)
+
+  def cond(carry):
+    step, _, _, _, finished, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(finished)
+
+  def body(carry):
+    step, out, cache, tok, finished, seen = carry
+    logits, cache = decoder(input_ids=tok[:, None], positions=(next_position + step - 1)[:, None],
+                            mask=jnp.ones((batch, 1), bool), cache=cache)
+    new = jnp.where(finished, pad_id, select(logits[:, 0], step, seen))
+    out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
+    return step + 1, out, cache, new, finished | jnp.isin(new, eos), mark(seen, new)
+
+  carry = (jnp.int32(1), out, cache, tok, finished, seen)
+  return jax.lax.while_loop(cond, body, carry)[1]
+
+
+def generate(decoder, *, input_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
+             mask: jax.Array | None = None, positions: jax.Array | None = None, max_new_tokens: int,
+             eos_id: int | Sequence[int] | None, pad_id: int, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, repetition_penalty: float = 1.0, key: jax.Array | None = None,
+             cache_dtype: Any = None) -> jax.Array:
+  """Generates tokens [B, max_new_tokens] int32 after the prompt.
+
+  Prompt: input_ids [B, P] or inputs_embeds [B, P, D], with mask [B, P] (False: padding slot; default all
+  True) and positions [B, P] (default: 0, 1, ... over each sequence's valid slots). temperature 0 is
+  greedy; otherwise `key` is required. A sequence stops after emitting any of `eos_id` (one id or
+  several, e.g. Llama 3's <|eot_id|> and <|end_of_text|>) and emits `pad_id` afterwards. Sampling settings
+  other than temperature / top_p values are compile-time constants.
+  """
+  if (input_ids is None) == (inputs_embeds is None):
+    raise ValueError("generate: pass exactly one of input_ids and inputs_embeds")
+  if max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
+    raise ValueError(f"generate: bad sampling settings temperature={temperature} (>= 0), top_p={top_p} "
+                     f"(in (0, 1]), top_k={top_k} (>= 0), repetition_penalty={repetition_penalty} (> 0)")
+  greedy = temperature == 0.0
+  if not greedy and key is None:
+    raise ValueError("generate: sampling (temperature > 0) needs an explicit `key`")
+  prompt = input_ids if input_ids is not None else inputs_embeds
+  shape = tuple(prompt.shape[:2])
+  mask = jnp.ones(shape, bool) if mask is None else jnp.asarray(mask, bool)
+  if mask.shape != shape:
+    raise ValueError(f"generate: mask {mask.shape} does not match the prompt's [B, P] = {shape}")
+  if positions is None:
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+  eos_ids = () if eos_id is None else ((int(eos_id),) if isinstance(eos_id, int) else
+                                       tuple(int(e) for e in eos_id))
+  graphdef, state = nnx.split(decoder)
+  return _generate(state, input_ids, inputs_embeds, mask, jnp.asarray(positions, jnp.int32),
+                   jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p),
+                   key if key is not None else jax.random.key(0),
+                   graphdef=graphdef, max_new_tokens=int(max_new_tokens), eos_ids=eos_ids, pad_id=int(pad_id),
+                   greedy=greedy, top_k=int(top_k), use_top_p=top_p < 1.0,
+                   repetition_penalty=float(repetition_penalty),
+                   cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name)

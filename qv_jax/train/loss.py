@@ -1,0 +1,67 @@
+"""Losses (SPEC §6): causal-LM cross-entropy in fp32 after the one-token shift, computed over sequence
+chunks so [B, S, V] logits never exist at once, and the cubing auxiliary term mean‖z‖₂ over video rows."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qv_jax.batch import IGNORE_INDEX
+
+
+def shifted_targets(labels: jax.Array) -> jax.Array:
+  """[B, S] labels -> [B, S] targets: position s predicts labels[s + 1]; the last position predicts nothing."""
+  pad = jnp.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)
+  return jnp.concatenate([labels[:, 1:], pad], axis=1)
+
+
+def chunked_cross_entropy(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int):
+  """Sum of token cross-entropies per sample, and the supervised token count per sample.
+
+  hidden [B, S, D] (final-normed); labels [B, S] (unshifted, IGNORE_INDEX where unsupervised);
+  logits_fn: [B, c, D] -> [B, c, V] fp32. The sequence is cut into chunks of `chunk` positions (padded to a
+  multiple); each chunk's logits are recomputed in the backward pass (remat). Returns (ce_sum [B], count [B]).
+  """
+  b, s, d = hidden.shape
+  targets = shifted_targets(labels)
+  chunk = max(1, min(int(chunk), s))
+  n = -(-s // chunk)
+  pad = n * chunk - s
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+  hidden = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
+  targets = targets.reshape(b, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(h, t):
+    logits = logits_fn(h).astype(jnp.float32)
+    valid = t != IGNORE_INDEX
+    safe = jnp.where(valid, t, 0)
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    return jnp.where(valid, nll, 0.0).sum(-1), valid.sum(-1).astype(jnp.float32)
+
+  def body(carry, xs):
+    ce, cnt = one(*xs)
+    return (carry[0] + ce, carry[1] + cnt), None
+
+  zeros = jnp.zeros((b,), jnp.float32)
+  (ce_sum, count), _ = jax.lax.scan(body, (zeros, zeros), (hidden, targets))
+  return ce_sum, count
+
+
+def supervised_count(labels: jax.Array) -> jax.Array:
+  """Supervised targets after the shift, per sample: labels[:, 1:] != IGNORE_INDEX. On the pre-merge
+  labels this equals the merged count (dropped and visual tokens are never supervised) unless the merged
+  sequence was truncated."""
+  return (labels[:, 1:] != IGNORE_INDEX).sum(-1).astype(jnp.float32)
+
+
+def cubing_aux_loss(logits: jax.Array, logit_mask: jax.Array, is_video: jax.Array):
+  """mean over valid rows of video samples of ‖z‖₂ (0 without video rows). logits [B, F-1, 2];
+  logit_mask [B, F-1]; is_video [B]. Returns (mean, row count)."""
+  rows = logit_mask & is_video[:, None]
+  norms = jnp.sqrt(jnp.sum(jnp.square(logits.astype(jnp.float32)), axis=-1) + 1e-12)
+  count = rows.sum().astype(jnp.float32)
+  return jnp.where(rows, norms, 0.0).sum() / jnp.maximum(count, 1.0), count

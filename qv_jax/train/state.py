@@ -1,0 +1,140 @@
+"""The train state and its sharded creation.
+
+`TrainState` holds pure nested dicts: `params` (the stage's trainable parameters), `frozen` (every other
+model variable), the optax state over `params` only, the optimizer step and the base RNG key. The model
+is rebuilt inside the step with `nnx.merge(graphdef, params, frozen)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qv_jax.model.quicksviewer import Quicksviewer
+from qv_jax.sharding import create_sharded, state_shardings
+from qv_jax.train.optimizer import make_optimizer
+from qv_jax.train.stages import split_model, trainable_filter, trainable_groups
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array        # int32 scalar: optimizer steps completed in this stage
+  params: dict           # trainable params (pure nested dict)
+  frozen: dict           # frozen params and other variables
+  opt_state: Any         # optax state over `params`
+  rng: jax.Array         # uint32 [2] base key; the step's key is fold_in(rng, step)
+
+
+@dataclasses.dataclass
+class StateSpec:
+  """What the step needs besides the state: the module structure, the optimizer and the shardings."""
+  graphdef: Any
+  tx: optax.GradientTransformation
+  groups: tuple[str, ...]
+  shardings: TrainState
+  mesh: Mesh
+
+
+def model_factory(config) -> Callable[[], Quicksviewer]:
+  seed = int(config.train.seed)
+  return lambda: Quicksviewer(config, rngs=nnx.Rngs(params=seed))
+
+
+def merge_trees(a: dict, b: dict) -> dict:
+  """Union of two nested dicts with disjoint leaves."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = merge_trees(out[k], v) if k in out and isinstance(v, dict) else v
+  return out
+
+
+def split_tree(full: dict, like: dict) -> tuple[dict, dict]:
+  """Splits `full` into (the leaves present in `like`, the rest)."""
+  inside, outside = {}, {}
+  for k, v in full.items():
+    if k in like and isinstance(v, dict):
+      a, b = split_tree(v, like[k])
+      if a:
+        inside[k] = a
+      if b:
+        outside[k] = b
+    elif k in like:
+      inside[k] = v
+    else:
+      outside[k] = v
+  return inside, outside
+
+
+def _replicated(mesh):
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def abstract_params(config, mesh: Mesh, rules=None, groups=None):
+  """-> (graphdef, abstract trainable, abstract frozen): pure dicts of ShapeDtypeStructs carrying the
+  shardings the config's rules give them. Nothing is allocated."""
+  rules = rules if rules is not None else config.sharding_rules
+  groups = trainable_groups(config) if groups is None else groups
+  graphdef, train, frozen = nnx.split(nnx.eval_shape(model_factory(config)), trainable_filter(groups), ...)
+
+  def spec(st):
+    return abstract_like(nnx.to_pure_dict(st), nnx.to_pure_dict(state_shardings(st, mesh, rules)))
+  return graphdef, spec(train), spec(frozen)
+
+
+def train_state_spec(config, mesh: Mesh, rules=None) -> tuple[TrainState, StateSpec]:
+  """The abstract train state (ShapeDtypeStructs with their shardings) and the spec; allocates nothing."""
+  rules = rules if rules is not None else config.sharding_rules
+  groups = trainable_groups(config)
+  graphdef, abs_train, abs_frozen = abstract_params(config, mesh, rules, groups)
+  tx = make_optimizer(config.train)
+  rep = _replicated(mesh)
+  param_shardings = jax.tree.map(lambda x: x.sharding, abs_train)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, abs_frozen)
+  abstract_opt = jax.eval_shape(tx.init, abs_train)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: rep)
+  shardings = TrainState(step=rep, params=param_shardings, frozen=frozen_shardings, opt_state=opt_shardings,
+                         rng=rep)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=abs_train,
+                        frozen=abs_frozen, opt_state=abstract_like(abstract_opt, opt_shardings),
+                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+  return abstract, StateSpec(graphdef=graphdef, tx=tx, groups=groups, shardings=shardings, mesh=mesh)
+
+
+def create_train_state(config, mesh: Mesh, rules=None, params_loader: Callable[[dict], dict] | None = None
+                       ) -> tuple[TrainState, StateSpec]:
+  """Builds the model directly into its shardings (or, with `params_loader`, restores it there: the loader
+  gets the abstract full param dict with shardings and returns the arrays), splits it by the stage's groups
+  and initialises the optimizer over the trainable part, sharded like the params."""
+  rules = rules if rules is not None else config.sharding_rules
+  abstract, spec = train_state_spec(config, mesh, rules)
+  if params_loader is None:
+    model = create_sharded(model_factory(config), mesh, rules)
+    _, params, frozen = split_model(model, spec.groups)
+    del model
+  else:
+    params, frozen = split_tree(params_loader(merge_trees(abstract.params, abstract.frozen)), abstract.params)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(spec.tx.init, out_shardings=spec.shardings.opt_state)(params)
+  rep = spec.shardings.step
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, frozen=frozen,
+                     opt_state=opt_state,
+                     rng=jax.device_put(jax.random.PRNGKey(int(config.train.seed) + 1), rep))
+  return state, spec
+
+
+def full_params(state: TrainState) -> dict:
+  """Every model variable as one pure nested dict (what checkpoints store)."""
+  return merge_trees(state.params, state.frozen)
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs carrying shardings, for restoring into place."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
