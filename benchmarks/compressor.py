@@ -40,12 +40,13 @@ def plain_flops(*, batch, frames, tokens, vision_dim, embed_dim, num_queries, nu
   return float(fwd + bwd)
 
 
-def build(size: str, dtype: str, impl: str, token_chunk: int | None):
+def build(size: str, dtype: str, impl: str, token_chunk: int | None, save_scores: bool):
   config = get_config(f"size={size}")
   config.model.compute_dtype = dtype
   config.model.compressor.resampler_impl = impl
   if token_chunk:
     config.model.compressor.token_chunk = token_chunk
+  config.model.compressor.save_scores = save_scores
   module = Compressor(config.model, rngs=nnx.Rngs(0))
   return config, module
 
@@ -69,39 +70,40 @@ def run(args) -> None:
   emit({"bench": "matmul_peak", "flops_per_s": peak, "n": 512 if args.quick else args.peak_n,
         **device_info()})
   for impl in args.impl.split(","):
-    config, module = build(size, args.dtype, impl, args.token_chunk)
+    config, module = build(size, args.dtype, impl, args.token_chunk, not args.recompute_scores)
     c = config.model.compressor
     graphdef, state = nnx.split(module)
-    step = make_step(graphdef, args.feature_grad)
     for frames in sizes:
       if impl == "plain" and frames > args.plain_max_frames:
         continue
       p = c.grid_size ** 2
-      features = jax.random.normal(jax.random.key(frames), (args.batch, frames, p, c.vision_dim), jnp.float32)
-      counts = [max(2, frames - i) for i in range(args.repeats + 1)]
-      lowered = step.lower(state, features, jnp.full((args.batch,), frames, jnp.int32), jax.random.key(0))
-      compiled = lowered.compile()
-      dims = dict(batch=args.batch, frames=frames, tokens=p, vision_dim=c.vision_dim, embed_dim=c.embed_dim,
-                  num_heads=c.num_heads, num_queries=c.num_queries,
+      shape = (args.batch, frames, p, c.vision_dim)
+      features = jax.random.normal(jax.random.key(frames), shape, jnp.float32)
+      # every call: another frame count and Gumbel key (another partition); one compile expected
+      calls = [(jnp.full((args.batch,), max(2, frames - i), jnp.int32), jax.random.key(i))
+               for i in range(args.repeats + 1)]
+      step = make_step(graphdef, args.feature_grad)
+      dims = dict(batch=args.batch, frames=frames, tokens=p, vision_dim=c.vision_dim,
+                  embed_dim=c.embed_dim, num_heads=c.num_heads, num_queries=c.num_queries,
                   num_cubes=max_cubes(frames, c.frames_per_cube), token_chunk=c.token_chunk)
-      analytic = (fast_flops(feature_grad=args.feature_grad, **dims)["total"] if impl == "fast"
-                  else plain_flops(**dims))
+      if impl == "fast":
+        analytic = fast_flops(feature_grad=args.feature_grad, save_scores=c.save_scores, **dims)["total"]
+      else:
+        analytic = plain_flops(**dims)
       record = {"bench": "compressor", "impl": impl, "size": size, "frames": frames, "batch": args.batch,
-                "dtype": args.dtype, "feature_grad": args.feature_grad, "xla_flops": flops(compiled),
-                "analytic_flops": analytic, "matmul_peak_flops_per_s": peak, **memory(compiled)}
+                "dtype": args.dtype, "feature_grad": args.feature_grad, "save_scores": c.save_scores,
+                "analytic_flops": analytic, "matmul_peak_flops_per_s": peak}
       if not args.compile_only:
+        pending = iter(calls)
         with CompileCounter() as compiles:
-          calls = iter(range(len(counts)))
-          def call(_=None):
-            i = next(calls)
-            n = jnp.full((args.batch,), counts[i], jnp.int32)
-            return step(state, features, n, jax.random.key(i))
-          timing = time_call(call, warmup=1, repeats=args.repeats)
+          timing = time_call(lambda: step(state, features, *next(pending)), warmup=1, repeats=args.repeats)
         seconds = timing["median_s"]
         record.update(step_s=seconds, min_step_s=timing["min_s"], compiles=compiles.count,
                       achieved_flops_per_s=analytic / seconds, fraction_of_peak=analytic / seconds / peak)
         if frames == 60 and not args.quick:
           record["speedup_vs_reference_28s"] = REFERENCE_SECONDS_AT_60 / seconds
+      compiled = step.lower(state, features, *calls[0]).compile()
+      record.update(xla_flops=flops(compiled), **memory(compiled))
       emit(record)
 
 
@@ -116,6 +118,8 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--plain-max-frames", type=int, default=60)
   parser.add_argument("--token-chunk", type=int, default=None, help="override compressor.token_chunk")
+  parser.add_argument("--recompute-scores", action="store_true",
+                      help="fast form: recompute the scores in the backward (compressor.save_scores=False)")
   parser.add_argument("--feature-grad", action="store_true", help="also differentiate w.r.t. the features")
   parser.add_argument("--compile-only", action="store_true", help="report FLOPs and memory, do not run")
   parser.add_argument("--peak-n", type=int, default=4096, help="matmul size for the peak measurement")

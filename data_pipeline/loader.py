@@ -97,7 +97,7 @@ class SampleProcessor:
     try:
       record = self._source[index]
       where = _describe(record)
-      sample = self.process(record, where)
+      sample = self.process(record)
     except BadSampleError as e:
       return {"skip": stats_lib.SkipEvent(epoch, index, e.reason, f"{where}: {e}").as_tuple()}
     except Exception as e:  # noqa: BLE001 - a bad sample must never stop a pod job; it is counted instead
@@ -107,7 +107,7 @@ class SampleProcessor:
     sample.update(sample_id=index, epoch=epoch)
     return sample
 
-  def process(self, record: dict, where: str) -> dict:
+  def process(self, record: dict) -> dict:
     """Decodes and tokenizes one record; raises BadSampleError for anything unusable."""
     s = self._settings
     if _text(record["error"]):
@@ -270,8 +270,9 @@ def make_dataset(config, *, split: str = "train", process_index: int = 0, proces
 
   Each process reads its own shard: records of every epoch's permutation at positions ≡ process_index (mod
   process_count), the permutation's last (records mod process_count) records left out so all processes see the
-  same number per epoch. `seed` defaults to data.shuffle_seed; num_epochs None repeats forever. Raises
-  ConfigError for bad fields and NoRecordsError (naming the directory) when there is nothing to read."""
+  same number per epoch. `seed` defaults to data.shuffle_seed; num_epochs None repeats forever; shuffle=False
+  keeps record order (evaluation). Raises ConfigError for bad fields and NoRecordsError (naming the directory)
+  when there is nothing to read."""
   d = config.data
   validate_data(d, config.model)
   require(process_count >= 1 and 0 <= process_index < process_count, "process_index",

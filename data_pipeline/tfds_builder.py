@@ -15,7 +15,7 @@ Record features (media are the encoded file bytes; decoding happens in the loade
 | modality      | Text                     | "video", "image" or "text" (no media) |
 | media         | string Tensor [n]        | encoded bytes of each media file (1 for a video, 0 for text) |
 | media_path    | string Tensor [n]        | the paths as written in the jsonl |
-| conversations | Text                     | the "conversations" list as JSON (ASCII; undecodable bytes kept as escapes) |
+| conversations | Text                     | "conversations" as JSON (ASCII; undecodable bytes kept as escapes) |
 | start, end    | float32                  | clip bounds in seconds, NaN when absent |
 | error         | Text                     | "" for a good record, else why it cannot be used |
 | error_detail  | Text                     | a human-readable message for `error` |

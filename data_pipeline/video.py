@@ -17,6 +17,7 @@ timestamps, open GOPs, no leading keyframe) fall back to decoding every frame in
 ("sequential"), the reference's method. Memory is bounded by one GOP of packets plus the sampled frames.
 """
 
+import bisect
 import dataclasses
 import io
 import math
@@ -114,9 +115,9 @@ def _open(source):
   stream = container.streams.video[0]
   ctx = stream.codec_context
   if ctx is None or not ctx.is_decoder:
-    tag = stream.codec_context.codec_tag if ctx is not None else "?"
+    codec = ctx.name if ctx is not None else "unknown"
     container.close()
-    raise BadSampleError("unsupported_codec", f"no decoder for the video stream's codec (tag {tag!r})", name)
+    raise BadSampleError("unsupported_codec", f"no decoder for the video stream's codec ({codec})", name)
   return container, stream
 
 
@@ -144,23 +145,26 @@ def probe_video(source: str | os.PathLike | bytes) -> VideoInfo:
 
 # ------------------------------------------------------------------------------------ non-reference pictures
 
-def _nal_units(data: bytes, length_size: int | None):
-  """Yield NAL unit payloads of one packet: length-prefixed (mp4/mkv) or Annex B start codes."""
+def _nal_headers(packet, length_size: int | None):
+  """Yield the first two bytes of each NAL unit of a packet: length-prefixed (mp4/mkv; read in place) or Annex B
+  start codes (copied)."""
+  data = memoryview(packet)
+  n = len(data)
   if length_size:
-    i, n = 0, len(data)
-    while i + length_size <= n:
+    i = 0
+    while i + length_size < n:
       size = int.from_bytes(data[i:i + length_size], "big")
       i += length_size
       if size <= 0 or i + size > n:
         return
-      yield data[i:i + 2]
+      yield bytes(data[i:i + 2])
       i += size
   else:
-    start = data.find(b"\x00\x00\x01")
+    raw = data.tobytes()
+    start = raw.find(b"\x00\x00\x01")
     while start >= 0:
-      nxt = data.find(b"\x00\x00\x01", start + 3)
-      yield data[start + 3:start + 5]
-      start = nxt
+      yield raw[start + 3:start + 5]
+      start = raw.find(b"\x00\x00\x01", start + 3)
 
 
 def _droppable_fn(stream):
@@ -171,7 +175,7 @@ def _droppable_fn(stream):
     length_size = (extradata[4] & 3) + 1 if len(extradata) > 4 and extradata[0] == 1 else None
 
     def droppable(packet):
-      vcl = [h[0] for h in _nal_units(memoryview(packet).tobytes(), length_size) if h and h[0] & 0x1F in (1, 5)]
+      vcl = [h[0] for h in _nal_headers(packet, length_size) if h and h[0] & 0x1F in (1, 5)]
       return bool(vcl) and all((h >> 5) & 3 == 0 for h in vcl)
     return droppable
   if ctx.name == "hevc":
@@ -183,7 +187,7 @@ def _droppable_fn(stream):
       return None
 
     def droppable(packet):
-      vcl = [h for h in _nal_units(memoryview(packet).tobytes(), length_size) if len(h) == 2 and (h[0] >> 1) < 32]
+      vcl = [h for h in _nal_headers(packet, length_size) if len(h) == 2 and (h[0] >> 1) < 32]
       return bool(vcl) and all((h[0] >> 1) & 0x3F <= 14 and (h[0] >> 1) % 2 == 0 for h in vcl)
     return droppable
   return None
@@ -232,6 +236,11 @@ def _legacy_rotation(stream) -> int:
 SEEK_MIN_PACKETS = 90  # seek past a run of unneeded GOPs only when it is at least this many packets long
 
 
+def _send(stream, packet) -> list:
+  """Decode one packet (None drains the decoder); the single place packets reach the decoder."""
+  return stream.decode(packet)
+
+
 class _GopReader:
   """Packets of the stream one GOP (keyframe to keyframe, decode order) at a time; can seek to a keyframe."""
 
@@ -260,8 +269,8 @@ class _GopReader:
 
 
 def _seek_plan(stream, wanted: set[int]):
-  """[(first packet position, first frame index, keyframe timestamp)] of the GOPs holding sampled frames, from a
-  full sample index (mp4/mov); None when the container has no such index."""
+  """From a full sample index (mp4/mov; None without one): ({first packet position: first frame index} of every
+  GOP, [(position, first frame index, keyframe timestamp)] of the GOPs holding sampled frames)."""
   try:
     entries = list(stream.index_entries)
   except Exception:  # noqa: BLE001  (index access is best effort)
@@ -275,18 +284,24 @@ def _seek_plan(stream, wanted: set[int]):
     if not entry.is_discard:
       shown_before += 1
       gops[-1][3] += 1
-  return [(pos, first, ts) for pos, first, ts, n in gops if any(first <= w < first + n for w in wanted)]
+  ordered = sorted(wanted)
+  needed = [(pos, first, ts) for pos, first, ts, n in gops
+            if bisect.bisect_left(ordered, first) < bisect.bisect_left(ordered, first + n)]
+  return {pos: first for pos, first, _, _ in gops}, needed
 
 
 def _decode_gop_mode(container, stream, collector: _Collector, allow_seek: bool) -> None:
   wanted = collector.wanted
   last_wanted = max(wanted)
   droppable = _droppable_fn(stream)
-  plan = _seek_plan(stream, wanted) if allow_seek else None
+  seek_index = _seek_plan(stream, wanted) if allow_seek else None
+  gop_starts, plan = seek_index if seek_index else ({}, [])
+  next_plan = 0
   pts_to_index: dict[int, int] = {}
+  last_pts = [None]
 
   def send(packet):
-    for frame in stream.decode(packet):
+    for frame in _send(stream, packet):
       index = pts_to_index.pop(frame.pts, None)
       if index is not None:
         collector.add(index, frame)
@@ -298,8 +313,10 @@ def _decode_gop_mode(container, stream, collector: _Collector, allow_seek: bool)
     pts = [p.pts for p in shown]
     if any(t is None for t in pts) or len(set(pts)) != len(pts):
       raise _Fallback("missing or repeated timestamps")
-    if shown and min(pts) < gop[0].pts:
-      raise _Fallback("open GOP (pictures before their keyframe)")
+    if shown and (min(pts) < gop[0].pts or (last_pts[0] is not None and min(pts) <= last_pts[0])):
+      raise _Fallback("open GOP (pictures shown before their keyframe)")
+    if shown:
+      last_pts[0] = max(pts)
     rank = {t: frames_before + r for r, t in enumerate(sorted(pts))}
     needed = [j for j, p in enumerate(gop) if not p.is_discard and rank[p.pts] in wanted]
     for j in needed:
@@ -314,19 +331,20 @@ def _decode_gop_mode(container, stream, collector: _Collector, allow_seek: bool)
   frames_before, position, first = 0, 0, True
   while frames_before <= last_wanted:
     seeked = None
-    if plan:
-      while plan and plan[0][0] < position:
-        plan.pop(0)
-      if plan and plan[0][0] - position >= SEEK_MIN_PACKETS:
-        seeked = plan[0]
-        send(None)  # drain frames still in the decoder; seeking flushes it
-        reader.seek(seeked[2])
-        position, frames_before, first = seeked[0], seeked[1], False
+    while next_plan < len(plan) and plan[next_plan][0] < position:
+      next_plan += 1
+    if next_plan < len(plan) and plan[next_plan][0] - position >= SEEK_MIN_PACKETS:
+      seeked = plan[next_plan]
+      send(None)  # drain frames still in the decoder; seeking flushes it
+      reader.seek(seeked[2])
+      position, frames_before, first = seeked[0], seeked[1], False
     gop = reader.next_gop()
     if not gop:
       break
     if seeked is not None and (not gop[0].is_keyframe or gop[0].dts != seeked[2]):
       raise _SeekMismatch()
+    if gop_starts.get(position, frames_before) != frames_before:
+      raise _SeekMismatch()  # the container index and the demuxed packets disagree: do not trust seeks
     frames_before += process(gop, frames_before, first)
     position += len(gop)
     first = False
@@ -395,7 +413,7 @@ def read_video(source: str | os.PathLike | bytes, *, num_frames: int | None = 42
   finally:
     container.close()
   size = image_size if resize else None
-  attempts = [fps] + ([fps + 1] if min_frames > 1 else [])
+  attempts = [fps, fps + 1]
   frames = {}
   for rate in attempts:
     indices = sample_frame_indices(info.native_fps, info.frame_count, num_frames, rate, start_sec, end_sec)
@@ -409,5 +427,7 @@ def read_video(source: str | os.PathLike | bytes, *, num_frames: int | None = 42
     raise BadSampleError("too_few_frames", f"{len(frames)} frame(s) < min_frames {min_frames} even at "
                          f"fps {attempts[-1]} (video of {info.frame_count} frames at {info.native_fps:.3f} FPS)", name)
   kept = sorted(frames)
-  return VideoClip(frames=np.stack([frames[i] for i in kept]), timestamps=frame_timestamps(kept, info.native_fps),
+  shape = frames[kept[0]].shape
+  stacked = [f if f.shape == shape else resize_image(f, (shape[1], shape[0])) for f in (frames[i] for i in kept)]
+  return VideoClip(frames=np.stack(stacked), timestamps=frame_timestamps(kept, info.native_fps),
                    indices=kept, native_fps=info.native_fps, frame_count=info.frame_count)

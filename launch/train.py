@@ -57,6 +57,7 @@ def main(argv):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_PLATFORM_DEVICES.value}").strip()
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)   # orbax's per-save INFO lines
   initialize_distributed()
   import jax
   from qv_jax.config import ConfigError

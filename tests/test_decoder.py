@@ -96,8 +96,11 @@ def test_padding_slots_do_not_change_valid_logits(qwen):
   np.testing.assert_allclose(forward(decoder, other, positions, mask)[mask], out[mask], atol=1e-6)
 
 
-def test_kv_cache_decoding_matches_full_recompute(qwen):
-  _, decoder, _ = qwen
+@pytest.mark.parametrize("impl", ["plain", "chunked"])
+def test_kv_cache_decoding_matches_full_recompute(qwen, impl, tmp_path):
+  model, decoder, _ = qwen
+  if impl == "chunked":   # 3-query chunks: the 6-token prefill runs as two chunks over the 16-slot cache
+    decoder, _ = save_and_convert(model, tmp_path, attention_impl="chunked", attention_chunk=3)
   ids = _ids((2, 12), seed=2)
   mask = np.ones((2, 12), bool)
   mask[1, :3] = False                                  # sequence 1 has a left-padded prompt

@@ -424,9 +424,13 @@ def test_collator_pads_to_contract():
 def test_skip_stats_reports_an_epoch_once_every_worker_passed_it(caplog):
   caplog.set_level(logging.INFO)
   s = stats.SkipStats(num_workers=2)
-  ev = lambda epoch, i, reason: stats.SkipEvent(epoch, i, reason, f"f:{i}").as_tuple()  # noqa: E731
-  meta = lambda w, epoch, events, rows: {"worker": w, "epoch": epoch, "events": events, "row_epochs": rows,  # noqa: E731
-                                         "truncated": 0}
+
+  def ev(epoch, i, reason):
+    return stats.SkipEvent(epoch, i, reason, f"f:{i}").as_tuple()
+
+  def meta(worker, epoch, events, rows):
+    return {"worker": worker, "epoch": epoch, "events": events, "row_epochs": rows, "truncated": 0}
+
   s.update(meta(0, 1, (ev(0, 3, "corrupt"),), (0, 1)))  # worker 0 entered epoch 1; worker 1 still in 0
   assert s.reports == []
   s.update(meta(1, 0, (ev(0, 5, "corrupt"), ev(0, 6, "bad_text")), (0, 0)))

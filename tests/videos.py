@@ -71,11 +71,9 @@ def write_video(path, *, num_frames: int, rate=30, width: int = 64, height: int 
   if gop is not None:
     stream.codec_context.gop_size = gop
     if codec == "libx264":
-      opts.update({"keyint": str(gop), "min-keyint": str(gop), "scenecut": "0"})
+      opts["x264-params"] = f"keyint={gop}:min-keyint={gop}:scenecut=0"
   if bframes is not None:
     stream.codec_context.max_b_frames = bframes
-    if codec == "libx264":
-      opts["bframes"] = str(bframes)
   stream.options = opts
   if time_base is not None:
     stream.codec_context.time_base = time_base
@@ -204,3 +202,45 @@ def decode_all_indices(path) -> list[int]:
 __all__ = ["frame_pattern", "frame_index_of", "write_video", "write_audio_only", "write_truncated",
            "write_garbage", "write_empty", "write_unsupported_codec", "vfr_pts", "opencv_like_count",
            "decode_all_indices"]
+
+
+def make_test_videos(directory) -> dict[str, str]:
+  """The standard decode test set in `directory` (about 2 s to encode): name -> path.
+
+  cfr30 (10 s, 30 fps), ntsc (29.97 fps, 20 s), vfr (irregular timestamps, mp4), hd853 (853×480 MPEG-4),
+  rot90 / rot270 / rot180 (display matrix), rotate_tag (legacy `rotate` tag in Matroska), audio (AAC track),
+  long (430 s at 10 fps, 64×36, one keyframe per second), short (1.5 s), tiny (0.5 s), bframes (H.264 with
+  B-pyramid), hevc (closed GOP), hevc_open (x265 open GOP), vp9 (WebM, no frame count in the header);
+  broken: truncated, garbage, empty, audio_only, unsupported_codec, and `missing` (a path that does not exist).
+  """
+  d = os.fspath(directory)
+  p = lambda name: os.path.join(d, name)  # noqa: E731
+  x265 = {"x265-params": "log-level=error"}
+  out = {
+      "cfr30": write_video(p("cfr30.mp4"), num_frames=300, rate=30),
+      "ntsc": write_video(p("ntsc.mp4"), num_frames=600, rate=fractions.Fraction(30000, 1001)),
+      "vfr": write_video(p("vfr.mp4"), num_frames=240, rate=60, pts=vfr_pts(240),
+                         time_base=fractions.Fraction(1, 60)),
+      "hd853": write_video(p("hd853.mp4"), num_frames=90, codec="mpeg4", width=853, height=480),
+      "rot90": write_video(p("rot90.mp4"), num_frames=60, rotation=90),
+      "rot270": write_video(p("rot270.mp4"), num_frames=60, rotation=-90),
+      "rot180": write_video(p("rot180.mp4"), num_frames=60, rotation=180),
+      "rotate_tag": write_video(p("rotate_tag.mkv"), num_frames=60, rotate_tag=90),
+      "audio": write_video(p("audio.mp4"), num_frames=90, audio=True),
+      "long": write_video(p("long.mp4"), num_frames=4300, rate=10, gop=10),
+      "short": write_video(p("short.mp4"), num_frames=45),
+      "tiny": write_video(p("tiny.mp4"), num_frames=15),
+      "bframes": write_video(p("bframes.mp4"), num_frames=300, bframes=3, gop=60),
+      "hevc": write_video(p("hevc.mp4"), num_frames=150, codec="libx265", bframes=3, gop=50,
+                          options={"x265-params": "log-level=error:open-gop=0"}),
+      "hevc_open": write_video(p("hevc_open.mp4"), num_frames=150, codec="libx265", bframes=3, gop=50,
+                               options=x265),
+      "vp9": write_video(p("vp9.webm"), num_frames=90, codec="libvpx-vp9", options={"deadline": "realtime"}),
+  }
+  out["truncated"] = write_truncated(out["cfr30"], p("truncated.mp4"))
+  out["garbage"] = write_garbage(p("garbage.mp4"))
+  out["empty"] = write_empty(p("empty.mp4"))
+  out["audio_only"] = write_audio_only(p("audio_only.m4a"))
+  out["unsupported_codec"] = write_unsupported_codec(p("unsupported.avi"), d)
+  out["missing"] = p("does_not_exist.mp4")
+  return out

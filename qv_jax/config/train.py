@@ -36,6 +36,7 @@ def train_defaults(stage: int) -> ml_collections.ConfigDict:
       encode_images=True,          # False: video-only data; skips the per-crop resampler pass
       ce_chunk=2048,               # decoder positions per logits chunk in the loss (bounds [B, c, V])
       seed=0,
+      compilation_cache_dir="",    # persistent XLA compilation cache ("" = off); reused across runs
       workdir="",
       init_from="",                # previous stage's checkpoint directory (a workdir or a step directory)
       checkpoint_every=500,

@@ -50,7 +50,7 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
 def convert(sources: str | os.PathLike | Sequence[str | os.PathLike], output: str | os.PathLike, *,
             size: str | None = None, layout: str = "auto", dtype: str = "keep", resize_vocab: bool = False,
             grid_out: int | None = None, overwrite: bool = False, progress: bool = True,
-            flush_bytes: int = 256 << 20) -> list[ConversionReport]:
+            flush_bytes: int = 64 << 20) -> list[ConversionReport]:
   """Converts one or more checkpoint directories into `output` (what the CLI runs). Returns one report
   per source. Nothing is left in `output` when it fails."""
   import ml_dtypes

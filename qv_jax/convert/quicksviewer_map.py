@@ -197,28 +197,71 @@ class ConversionReport:
             f"ignored {len(self.ignored)}, read {self.source_bytes / 2**20:.1f} MiB in {self.seconds:.1f} s")
 
 
+@dataclasses.dataclass
+class Group:
+  """The source names that build one set of target params, and the rule that maps them."""
+  rule: Rule
+  names: list[str]
+
+
 def plan(table: Iterable[Rule], names: Iterable[str], ignore: Iterable[str] = ()
-         ) -> tuple[dict[tuple[str, ...], list[str]], list[str], list[str]]:
+         ) -> tuple[dict[tuple[str, ...], Group], list[str], list[str], list[str]]:
   """Groups source names by the target params they build, first matching rule wins (as `apply_table`).
-  Returns ({target paths: [source names]}, ignored names, unmatched names). Reads no tensor."""
+  Returns ({target paths: Group}, ignored names, unmatched names, target paths claimed by several
+  rules). Reads no tensor."""
   compiled = [(re.compile(r.source), r) for r in table]
   ignore_re = [re.compile(p) for p in ignore]
-  groups: dict[tuple[str, ...], list[str]] = {}
-  ignored, unmatched = [], []
+  groups: dict[tuple[str, ...], Group] = {}
+  ignored, unmatched, clashes = [], [], []
   for name in names:
     for regex, r in compiled:
       match = regex.fullmatch(name)
       if match:
         key = tuple(t.format(**match.groupdict()) for t in r.targets)
-        groups.setdefault(key, []).append(name)
+        group = groups.setdefault(key, Group(r, []))
+        if group.rule is not r:
+          clashes.extend(key)
+        group.names.append(name)
         break
     else:
       (ignored if any(p.fullmatch(name) for p in ignore_re) else unmatched).append(name)
-  return groups, ignored, unmatched
+  owner: dict[str, int] = {}
+  for key in groups:
+    for path in key:
+      owner[path] = owner.get(path, 0) + 1
+  clashes += [p for p, n in owner.items() if n > 1]
+  return groups, ignored, unmatched, sorted(set(clashes))
 
 
 def _fmt_source(names: Iterable[str], shape: Callable[[str], Any], dtype: Callable[[str], Any]) -> str:
   return "\n".join(f"  {n}: {list(shape(n))} {dtype(n)}" for n in names)
+
+
+def build_group(table: list[Rule], paths: tuple[str, ...], group: Group, load: Callable[[str], np.ndarray],
+                expected: Mapping[str, tuple[int, ...]], sink: Callable[[str, np.ndarray], None]):
+  """Maps one group through `apply_table`. A stacked group is mapped layer by layer into preallocated
+  [L, ...] arrays (targets `path[i]`), so it costs one copy of the param, not the layers plus a stack.
+  Returns the `apply_table` report."""
+  r = group.rule
+  if r.stack is None:
+    return apply_table(table, group.names, load, {p: expected[p] for p in paths}, sink=sink)[1]
+  layer_rule = Rule(r.source, tuple(t + "[{%s}]" % r.stack for t in r.targets), r.transform)
+  per_layer = {f"{p}[{i}]": tuple(expected[p][1:]) for p in paths for i in range(expected[p][0])}
+  stacked: dict[str, np.ndarray] = {}
+
+  def fill(layer_path: str, value: np.ndarray) -> None:
+    path, index = layer_path[:-1].rsplit("[", 1)
+    if path not in expected or not 0 <= int(index) < expected[path][0]:
+      return   # apply_table reports it as a target the model does not have
+    if path not in stacked:
+      stacked[path] = np.empty(tuple(expected[path]), value.dtype)
+    stacked[path][int(index)] = value
+
+  _, report = apply_table([layer_rule], group.names, load, per_layer, sink=fill)
+  report.mapped = [(name, tuple(t.rsplit("[", 1)[0] for t in targets)) for name, targets in report.mapped]
+  for path in paths:
+    sink(path, stacked.pop(path))
+  return report
 
 
 def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.ndarray], None], *,
@@ -236,18 +279,14 @@ def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.n
   table, ignore = layout_table(layout, model_config)
   expected = expected_shapes(layout, model_config)
   names = reader.names()
-  groups, ignored, unmatched = plan(table, names, ignore)
+  groups, ignored, unmatched, clashes = plan(table, names, ignore)
 
   problems = []
   if unmatched:
     problems.append("source tensors no rule maps:\n" + _fmt_source(unmatched, reader.shape, reader.dtype))
-  owner: dict[str, list[str]] = {}
-  for paths, group in groups.items():
-    for p in paths:
-      owner.setdefault(p, []).extend(group)
-  twice = [p for paths in groups for p in paths if sum(p in other for other in groups) > 1]
-  if twice:
-    problems.append("targets written by several rules:\n" + "\n".join(f"  {p}" for p in sorted(set(twice))))
+  if clashes:
+    problems.append("targets written by several rules:\n" + "\n".join(f"  {p}" for p in clashes))
+  owner = {p: g.names for paths, g in groups.items() for p in paths}
   missing = sorted(set(expected) - set(owner))
   if missing:
     problems.append("target params no source tensor provides:\n" +
@@ -280,19 +319,18 @@ def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.n
 
   first = {n: i for i, n in enumerate(names)}
   mapped = []
-  total = sum(reader.nbytes(n) for g in groups.values() for n in g)
+  total = sum(reader.nbytes(n) for g in groups.values() for n in g.names)
   from tqdm.auto import tqdm
   with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {layout}", disable=not progress) as bar:
-    for paths, group in sorted(groups.items(), key=lambda kv: first[kv[1][0]]):
+    for paths, group in sorted(groups.items(), key=lambda kv: first[kv[1].names[0]]):
       try:
-        _, report = apply_table(table, group, load, {p: expected[p] for p in paths}, sink=write)
-        mapped.extend(report.mapped)
+        mapped.extend(build_group(table, paths, group, load, expected, write).mapped)
       except MappingError as e:
         hint = ""
-        if any(n in VOCAB_TENSORS for n in group) and not resize_vocab:
+        if any(n in VOCAB_TENSORS for n in group.names) and not resize_vocab:
           hint = f"\n  (vocabulary rows differ from vocab_size {vocab}: --resize-vocab adapts them)"
         failures.append(str(e).replace("checkpoint does not match the model:\n", "") +
-                        "\n  from:\n" + _fmt_source(group, reader.shape, reader.dtype) + hint)
+                        "\n  from:\n" + _fmt_source(group.names, reader.shape, reader.dtype) + hint)
   if failures:
     raise MappingError(f"{layout} checkpoint does not match the model config:\n" + "\n".join(failures))
   return ConversionReport(layout=layout, mapped=mapped, ignored=ignored, params=params, source_bytes=total,

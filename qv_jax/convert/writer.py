@@ -64,12 +64,19 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class ParamWriter:
-  """Streams {path: array} into `directory/params` with orbax partial saves; `finalize` commits."""
+  """Streams {path: array} into `directory/params` with orbax partial saves; `finalize` commits.
 
-  def __init__(self, directory: str | os.PathLike, *, flush_bytes: int = 256 << 20):
+  Arrays are buffered until `flush_bytes` (a larger one is saved on its own). Orbax copies an array
+  while it writes it, so a save costs about twice the buffer; `compress` (zstd) adds about one more
+  copy and is much slower, and weights barely compress, so it is off by default.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, flush_bytes: int = 64 << 20, compress: bool = False):
     self.directory = Path(directory)
     self.path = self.directory / PARAMS_DIR
     self.flush_bytes = flush_bytes
+    self.compress = compress
+    self._cpu = jax.devices("cpu")[0]
     self._buffer: dict[str, np.ndarray] = {}
     self._buffered = 0
     self.written: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -83,6 +90,8 @@ class ParamWriter:
       raise MappingError(f"param {path} written twice")
     array = np.ascontiguousarray(array)
     self.written[path] = (tuple(array.shape), str(array.dtype))
+    if self._buffered + array.nbytes > self.flush_bytes:
+      self.flush()                     # a large param is saved alone, not with the buffered ones
     self._buffer[path] = array
     self._buffered += array.nbytes
     if self._buffered >= self.flush_bytes:
@@ -90,7 +99,15 @@ class ParamWriter:
 
   def flush(self) -> None:
     if self._buffer:
-      _ocp().partial.save(self.path, nest(self._buffer))
+      ocp = _ocp()
+      context = ocp.Context()
+      context.array.saving.use_compression = self.compress
+      # Host CPU jax arrays (no copy on the CPU backend) take orbax's fast path; numpy leaves are slower.
+      tree = nest({p: jax.device_put(a, self._cpu) for p, a in self._buffer.items()})
+      self._buffer.clear()
+      with context:
+        ocp.partial.save(self.path, tree)
+      del tree
     self._buffer.clear()
     self._buffered = 0
 
@@ -169,7 +186,6 @@ def load_converted(directory: str | os.PathLike, target: Any = None, *, part: st
   part: one model part ("vision_tower", "compressor", "decoder"): only its params are read, and paths
   (of the target and the result) are relative to it, e.g. to fill a lone `SiglipVisionTower`.
   """
-  ocp = _ocp()
   directory = Path(directory)
   config = read_config(directory)
   stored = converted_params(directory)
@@ -179,8 +195,9 @@ def load_converted(directory: str | os.PathLike, target: Any = None, *, part: st
     if not stored:
       raise MappingError(f"{directory}: holds no {part} params")
   if target is None:
-    params = ocp.load(directory / PARAMS_DIR)
-    return config, (params if part is None else params[part.rstrip("/")])
+    import jax.numpy as jnp
+    abstract = nest({p: np.empty(shape, jnp.dtype(dtype)) for p, (shape, dtype) in stored.items()})
+    return config, _load(directory, abstract, part)
   leaves = _target_leaves(target)
   problems = []
   missing = sorted(set(stored) - set(leaves))
@@ -198,14 +215,17 @@ def load_converted(directory: str | os.PathLike, target: Any = None, *, part: st
                       "\n".join(f"  {p}: {list(leaves[p].shape)}" for p in absent))
   if problems:
     raise MappingError(f"{directory}: converted params do not match the target:\n" + "\n".join(problems))
-  abstract = nest({p: _abstract(leaves[p]) for p in stored})
+  from flax import nnx
+  return config, nnx.State(_load(directory, nest({p: _abstract(leaves[p]) for p in stored}), part))
+
+
+def _load(directory: Path, abstract: dict, part: str | None) -> dict:
+  """Restores `abstract` (relative to `part` when given) from directory/params."""
+  ocp = _ocp()
   if part is not None:
     abstract = {part.rstrip("/"): abstract}
   context = ocp.Context()
   context.pytree.loading.partial_load = True   # the abstract tree may cover only some stored parts
   with context:
     restored = ocp.load(directory / PARAMS_DIR, abstract)
-  if part is not None:
-    restored = restored[part.rstrip("/")]
-  from flax import nnx
-  return config, nnx.State(restored)
+  return restored if part is None else restored[part.rstrip("/")]

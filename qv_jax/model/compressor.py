@@ -67,6 +67,7 @@ class CompressorSettings:
   resampler_impl: str
   thumbnail_pool: int
   token_chunk: int
+  save_scores: bool
   mlp_layer_norm_eps: float
   resampler_layer_norm_eps: float
   pos_temperature: float
@@ -143,7 +144,7 @@ class Compressor(nnx.Module):
         s.vision_dim, s.embed_dim, num_heads=s.num_heads, num_queries=s.num_queries,
         grid_size=s.grid_size, layer_norm_eps=s.resampler_layer_norm_eps,
         pos_temperature=s.pos_temperature, impl=s.resampler_impl, token_chunk=s.token_chunk,
-        dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        save_scores=s.save_scores, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, features: jax.Array, num_frames: jax.Array, *, key: jax.Array | None,
                noise_weight=0.0, sample_ids: jax.Array | None = None) -> CompressorOutput:

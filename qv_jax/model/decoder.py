@@ -202,8 +202,8 @@ class Decoder(nnx.Module):
 
     input_ids [B, L] int32 or inputs_embeds [B, L, D]; positions [B, L] int32 (RoPE); mask [B, L] bool.
     Without a cache the L slots attend among themselves. With a cache they are written at slots
-    cache.index..cache.index+L-1 and attend over every valid cache slot up to their own; the returned
-    cache has index + L. Returns (logits [B, L, V] fp32, or with return_hidden the final-normed hidden
+    cache.index..cache.index+L-1 (the caller keeps index + L within the cache's S slots) and attend over
+    every valid cache slot up to their own; the returned cache has index + L. Returns (logits [B, L, V] fp32, or with return_hidden the final-normed hidden
     [B, L, D] in the compute dtype; cache or None).
     """
     if (input_ids is None) == (inputs_embeds is None):
@@ -222,6 +222,8 @@ class Decoder(nnx.Module):
     if cache is None:
       k_valid = mask
     else:
+      if length > cache.k.shape[2]:
+        raise ValueError(f"Decoder: {length} new slots exceed the cache's {cache.k.shape[2]}")
       k_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
     x, new_kv = self._run_layers(x, cos, sin, k_valid, cache)
     if cache is not None:

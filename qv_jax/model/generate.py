@@ -49,17 +49,18 @@ def _penalize(logits, seen, penalty):
   return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "pad_id", "greedy", "top_k",
-                                   "use_top_p", "repetition_penalty", "cache_dtype"))
-def _generate(state, input_ids, inputs_embeds, mask, positions, temperature, top_p, key, *, graphdef,
-              max_new_tokens, eos_ids, pad_id, greedy, top_k, use_top_p, repetition_penalty, cache_dtype):
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p", "penalize",
+                                   "cache_dtype"))
+def _generate(state, input_ids, inputs_embeds, mask, positions, eos, pad_id, temperature, top_p,
+              repetition_penalty, key, *, graphdef, max_new_tokens, greedy, top_k, use_top_p, penalize,
+              cache_dtype):
   decoder = nnx.merge(graphdef, state)
   batch, prompt_len = mask.shape
+  if positions is None:
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
   slots = jnp.arange(prompt_len, dtype=jnp.int32)
   last_slot = jnp.max(jnp.where(mask, slots, 0), axis=1)
   next_position = jnp.max(jnp.where(mask, positions, -1), axis=1) + 1
-  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-  penalize = repetition_penalty != 1.0
 
   seen = None
   if penalize:
@@ -115,8 +116,9 @@ def generate(decoder, *, input_ids: jax.Array | None = None, inputs_embeds: jax.
   Prompt: input_ids [B, P] or inputs_embeds [B, P, D], with mask [B, P] (False: padding slot; default all
   True) and positions [B, P] (default: 0, 1, ... over each sequence's valid slots). temperature 0 is
   greedy; otherwise `key` is required. A sequence stops after emitting any of `eos_id` (one id or
-  several, e.g. Llama 3's <|eot_id|> and <|end_of_text|>) and emits `pad_id` afterwards. Sampling settings
-  other than temperature / top_p values are compile-time constants.
+  several, e.g. Llama 3's <|eot_id|> and <|end_of_text|>) and emits `pad_id` afterwards. Compile-time
+  constants: the prompt shape, max_new_tokens, greedy or not, top_k, whether top_p < 1, whether a
+  repetition penalty is used and the number of eos ids (their values, temperature, top_p, pad are not).
   """
   if (input_ids is None) == (inputs_embeds is None):
     raise ValueError("generate: pass exactly one of input_ids and inputs_embeds")
@@ -133,15 +135,14 @@ def generate(decoder, *, input_ids: jax.Array | None = None, inputs_embeds: jax.
   mask = jnp.ones(shape, bool) if mask is None else jnp.asarray(mask, bool)
   if mask.shape != shape:
     raise ValueError(f"generate: mask {mask.shape} does not match the prompt's [B, P] = {shape}")
-  if positions is None:
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-  eos_ids = () if eos_id is None else ((int(eos_id),) if isinstance(eos_id, int) else
-                                       tuple(int(e) for e in eos_id))
+  eos_ids = [] if eos_id is None else ([int(eos_id)] if isinstance(eos_id, int) else
+                                       [int(e) for e in eos_id])
   graphdef, state = nnx.split(decoder)
-  return _generate(state, input_ids, inputs_embeds, mask, jnp.asarray(positions, jnp.int32),
+  positions = None if positions is None else jnp.asarray(positions, jnp.int32)
+  return _generate(state, input_ids, inputs_embeds, mask, positions,
+                   jnp.asarray(eos_ids or [-1], jnp.int32), jnp.int32(pad_id),
                    jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p),
-                   key if key is not None else jax.random.key(0),
-                   graphdef=graphdef, max_new_tokens=int(max_new_tokens), eos_ids=eos_ids, pad_id=int(pad_id),
-                   greedy=greedy, top_k=int(top_k), use_top_p=top_p < 1.0,
-                   repetition_penalty=float(repetition_penalty),
+                   jnp.float32(repetition_penalty), key if key is not None else jax.random.key(0),
+                   graphdef=graphdef, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=int(top_k),
+                   use_top_p=top_p < 1.0, penalize=repetition_penalty != 1.0,
                    cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name)

@@ -45,10 +45,12 @@ class Resampler(nnx.Module):
 
   def __init__(self, vision_dim: int, embed_dim: int, *, num_heads: int, num_queries: int,
                grid_size: int, layer_norm_eps: float, pos_temperature: float, impl: str,
-               token_chunk: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+               token_chunk: int, save_scores: bool = True, dtype: Any, param_dtype: Any,
+               rngs: nnx.Rngs):
     self.num_heads, self.grid_size = num_heads, grid_size
     self.eps, self.temperature = float(layer_norm_eps), float(pos_temperature)
     self.impl, self.token_chunk, self.dtype = impl, token_chunk, dtype
+    self.save_scores = bool(save_scores)
     init = nnx.initializers.truncated_normal(0.02)
     d = embed_dim
     self.query = param(nnx.initializers.zeros, rngs.params(), (num_queries, d), ("queries", "embed"),
@@ -93,7 +95,7 @@ class Resampler(nnx.Module):
                   eps=self.eps, temperature=self.temperature, dtype=self.dtype)
     if impl == "fast":
       attn = attend_fast(self.weights(), features, cube_ids, frame_valid, frame_positions,
-                         token_chunk=self.token_chunk, **kwargs)
+                         token_chunk=self.token_chunk, save_scores=self.save_scores, **kwargs)
     elif impl == "plain":
       attn = attend_plain(self.weights(), features, cube_ids, frame_valid, frame_positions, **kwargs)
     else:

@@ -8,6 +8,8 @@ over the P tokens), then per cube (segment max / sum over frames).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -30,6 +32,8 @@ def scaled_queries(w, num_heads: int, eps: float) -> jax.Array:
   return q.reshape(q.shape[0], num_heads, d // num_heads) * (d // num_heads) ** -0.5
 
 
+@functools.partial(jax.jit, static_argnames=("num_cubes", "num_heads", "grid_size", "eps", "temperature",
+                                             "dtype"))
 def attend_plain(w, x: jax.Array, cube_ids: jax.Array, frame_valid: jax.Array,
                  frame_positions: jax.Array, *, num_cubes: int, num_heads: int, grid_size: int,
                  eps: float, temperature: float, dtype) -> jax.Array:

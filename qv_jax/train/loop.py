@@ -177,16 +177,20 @@ def _restore(config, mesh, rules, checkpointer, step, data_iter):
 
 
 def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = None,
-          on_step: Callable[[int, dict], None] | None = None, handle_sigint: bool = False) -> TrainSummary:
+          on_step: Callable[[int, dict], None] | None = None, handle_sigint: bool = False,
+          devices=None) -> TrainSummary:
   """Runs (or resumes) one stage to `train.total_steps` (or `train.stop_at`). `data`: an iterator of this
-  process's batches with get_state/set_state (default: `make_data(config)`)."""
+  process's batches with get_state/set_state (default: `make_data(config)`); `devices`: the mesh's devices
+  (default: all); `on_step(step, host_metrics)` is called after every step."""
   workdir = workdir or config.train.workdir
   require(bool(workdir), "train.workdir", "a work directory is required")
-  mesh = make_mesh(config.mesh)
+  mesh = make_mesh(config.mesh, devices)
   check_config(config, mesh)
   rules = config.sharding_rules
   t = config.train
   os.makedirs(workdir, exist_ok=True)
+  if t.compilation_cache_dir:
+    enable_compilation_cache(t.compilation_cache_dir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -278,6 +282,13 @@ def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = N
     if writer is not None:
       writer.close()
     checkpointer.close()
+
+
+def enable_compilation_cache(directory: str) -> None:
+  """Persists compiled executables under `directory`, so a resumed or repeated run skips compiling."""
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _save(checkpointer, state: TrainState, step: int, data_iter) -> None:

@@ -58,10 +58,11 @@ def supervised_count(labels: jax.Array) -> jax.Array:
   return (labels[:, 1:] != IGNORE_INDEX).sum(-1).astype(jnp.float32)
 
 
-def cubing_aux_loss(logits: jax.Array, logit_mask: jax.Array, is_video: jax.Array):
-  """mean over valid rows of video samples of ‖z‖₂ (0 without video rows). logits [B, F-1, 2];
-  logit_mask [B, F-1]; is_video [B]. Returns (mean, row count)."""
+def cubing_aux_per_sample(logits: jax.Array, logit_mask: jax.Array, is_video: jax.Array) -> jax.Array:
+  """Per sample, the mean over its valid rows of ‖z‖₂ (0 for image samples). logits [B, F-1, 2];
+  logit_mask [B, F-1]; is_video [B]. The step averages it over the video samples of the whole batch: the
+  reference's per-device mean with one sample per device, averaged by data parallelism."""
   rows = logit_mask & is_video[:, None]
   norms = jnp.sqrt(jnp.sum(jnp.square(logits.astype(jnp.float32)), axis=-1) + 1e-12)
-  count = rows.sum().astype(jnp.float32)
-  return jnp.where(rows, norms, 0.0).sum() / jnp.maximum(count, 1.0), count
+  per_sample = jnp.where(rows, norms, 0.0).sum(-1) / jnp.maximum(rows.sum(-1), 1)
+  return jnp.where(is_video, per_sample, 0.0)

@@ -2,7 +2,8 @@
 parameters with gradient accumulation, one optimizer update. A pure function of (state, batch).
 
 Loss = Σ CE over the whole step's supervised tokens / their count (a global token mean across the batch,
-the devices and the accumulation micro-batches) + aux_weight · mean over micro-batches of mean‖z‖₂.
+the devices and the accumulation micro-batches) + aux_weight · the mean over the step's video samples of
+each sample's mean‖z‖₂ (what the reference's per-device mean gives with one sample per device).
 The count is taken from the pre-merge labels (equal to the merged one unless a sequence was truncated at
 data.max_seq_len; truncations are reported as a metric). Micro-batch i takes samples i, i+A, i+2A, ...
 so every device holds a share of each micro-batch.
@@ -19,7 +20,7 @@ from flax import nnx
 
 from qv_jax.batch import MODALITY_VIDEO
 from qv_jax.sharding import constrain
-from qv_jax.train.loss import chunked_cross_entropy, cubing_aux_loss, supervised_count
+from qv_jax.train.loss import chunked_cross_entropy, cubing_aux_per_sample, supervised_count
 from qv_jax.train.schedules import learning_rate_schedule, noise_weight
 from qv_jax.train.state import TrainState
 
@@ -56,17 +57,17 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation):
   lr_schedule = learning_rate_schedule(t)
   max_frames = max(int(f) for f in config.data.frame_buckets)
 
-  def micro_loss(params, frozen, micro, key, eta, denom):
+  def micro_loss(params, frozen, micro, key, eta, denom, videos):
     model = nnx.merge(graphdef, params, frozen)
     out = model(micro, key=key, noise_weight=eta, encode_images=encode_images)
     ce_sum, count = chunked_cross_entropy(out.hidden, out.inputs.labels, model.decoder.logits_from_hidden,
                                           int(t.ce_chunk))
     is_video = micro["modality"] == MODALITY_VIDEO
-    aux, aux_rows = cubing_aux_loss(out.cubes.logits, out.cubes.logit_mask, is_video)
-    loss = ce_sum.sum() / denom + aux_weight * aux / accum
+    aux = cubing_aux_per_sample(out.cubes.logits, out.cubes.logit_mask, is_video)
+    loss = ce_sum.sum() / denom + aux_weight * aux.sum() / videos
     cubes = out.cubes
     stats = dict(
-        ce_sum=ce_sum, count=count, aux=aux, aux_rows=aux_rows,
+        ce_sum=ce_sum, count=count, aux=aux,
         merged_tokens=out.inputs.mask.sum(-1), truncated=out.inputs.truncated,
         cube_hist=cube_length_histogram(cubes.cube_ids, cubes.cube_mask, micro["num_frames"], is_video,
                                         max_frames))
@@ -78,28 +79,30 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation):
     key = jax.random.fold_in(state.rng, state.step)
     eta = noise_weight(state.step, t)
     denom = jnp.maximum(supervised_count(batch["labels"]).sum(), 1.0)
+    videos = jnp.maximum((batch["modality"] == MODALITY_VIDEO).sum(), 1).astype(jnp.float32)
+    keys = ("ce_sum", "count", "merged_tokens", "truncated", "aux")
     if accum == 1:
-      (loss, stats), grads = grad_fn(state.params, state.frozen, batch, key, eta, denom)
-      per_sample = {k: stats[k] for k in ("ce_sum", "count", "merged_tokens", "truncated")}
-      aux, cube_hist = stats["aux"], stats["cube_hist"]
+      (loss, stats), grads = grad_fn(state.params, state.frozen, batch, key, eta, denom, videos)
+      per_sample = {k: stats[k] for k in keys}
+      cube_hist = stats["cube_hist"]
     else:
       micro = _microbatches(batch, accum)
 
       def body(acc, mb):
-        (loss_i, stats_i), g = grad_fn(state.params, state.frozen, mb, key, eta, denom)
+        (loss_i, stats_i), g = grad_fn(state.params, state.frozen, mb, key, eta, denom, videos)
         acc = jax.tree.map(jnp.add, acc, (g, loss_i))
         return acc, stats_i
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, loss), stats = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), micro)
-      per_sample = {k: _unsplit(stats[k]) for k in ("ce_sum", "count", "merged_tokens", "truncated")}
-      aux, cube_hist = stats["aux"].mean(), stats["cube_hist"].sum(0)
-    grad_norm = optax.global_norm(grads)
+      per_sample = {k: _unsplit(stats[k]) for k in keys}
+      cube_hist = stats["cube_hist"].sum(0)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = dict(
-        loss=loss, ce=per_sample["ce_sum"].sum() / denom, aux=aux, eta=eta,
+        loss=loss, ce=per_sample["ce_sum"].sum() / denom, aux=per_sample["aux"].sum() / videos, eta=eta,
         learning_rate=lr_schedule(state.step), grad_norm=grad_norm,
         supervised_tokens=per_sample["count"].sum(), merged_tokens=per_sample["merged_tokens"].sum(),
         truncated_tokens=per_sample["truncated"].sum(), cube_length_hist=cube_hist,

@@ -35,6 +35,7 @@ class SyntheticBatches:
     self.size = int(d.image_size)
     self.text_len = int(d.max_text_len)
     self.seed = int(seed)
+    self.normalize = bool(d.normalize_on_host)
     self.image_fraction = float(image_fraction)
     self.shapes = batch_shapes(config, self.local_batch, self.frames)
     self.next_index = 0
@@ -69,7 +70,10 @@ class SyntheticBatches:
         out[k][row, :n] = sample[k]
       out["token_valid"][row, :n] = True
       nf = sample["frames"].shape[0]
-      out["frames"][row, :nf] = sample["frames"]
+      frames = sample["frames"]
+      if self.normalize:
+        frames = (frames.astype(np.float32) / 255.0 - 0.5) / 0.5
+      out["frames"][row, :nf] = frames
       out["num_frames"][row] = nf
       out["modality"][row] = sample["modality"]
       out["timestamps"][row, :nf] = np.arange(nf) + 0.5

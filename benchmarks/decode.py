@@ -1,0 +1,179 @@
+"""Decode throughput: 420-frame clips (SPEC §1.1 sampling) with `data_pipeline.video.read_video`, next to the
+reference's way of reading (decode every frame in order and convert every frame to RGB, as OpenCV's
+`VideoCapture.read` loop does, then resize the sampled frames).
+
+The test video is generated with PyAV (H.264, yuv420p, CRF 23) from synthetic but camera-like content: a smooth
+textured scene panning slowly, moving objects, sensor noise and a scene cut every 20 s, so frame sizes and
+decode costs resemble real footage (pure-noise content would make keyframes unrealistically expensive). It is
+cached in --cache-dir. Prints one JSON object.
+
+  python benchmarks/decode.py --quick                       # seconds: 20 s 320x180 video
+  python benchmarks/decode.py                               # 7 min 1280x720 30 fps, GOPs 250 (x264 default) and 60
+  python benchmarks/decode.py --gops 30,60,150,250 --threads 1,2 --repeats 3
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+
+import av
+import numpy as np
+from PIL import Image
+
+from data_pipeline.preprocess import resize_frames
+from data_pipeline.video import probe_video, read_video, sample_frame_indices
+
+
+def _scene(rng, width: int, height: int) -> np.ndarray:
+  """A smooth, textured float32 [2H, 2W, 3] scene: low-frequency colour blobs plus finer detail."""
+  def layer(div, amp):
+    small = rng.uniform(0, 255, (max(2 * height // div, 2), max(2 * width // div, 2), 3)).astype(np.uint8)
+    big = np.asarray(Image.fromarray(small).resize((2 * width, 2 * height), Image.Resampling.BICUBIC))
+    return (big.astype(np.float32) - 128) * amp
+  return np.clip(128 + layer(48, 0.9) + layer(12, 0.35) + layer(3, 0.12), 0, 255)
+
+
+def make_video(path: str, *, seconds: float, width: int, height: int, rate: int, gop: int | None,
+               preset: str = "veryfast", seed: int = 0) -> str:
+  """Encode the synthetic camera-like clip to `path` (H.264 CRF 23). gop None keeps x264's default (250 +
+  scene cuts)."""
+  rng = np.random.default_rng(seed)
+  tmp = path + ".part"
+  container = av.open(tmp, "w", format="mp4")
+  stream = container.add_stream("libx264", rate=rate)
+  stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+  opts = {"preset": preset, "crf": "23"}
+  if gop:
+    stream.codec_context.gop_size = gop
+    opts["x264-params"] = f"keyint={gop}:min-keyint={min(gop, 25)}"
+  stream.options = opts
+  objects = rng.uniform(0, 1, (4, 4))
+  scene = None
+  for i in range(int(seconds * rate)):
+    if i % (20 * rate) == 0:
+      scene = _scene(rng, width, height)
+    t = i / rate
+    dx, dy = int(width * 0.5 * (1 + np.sin(t / 7))), int(height * 0.5 * (1 + np.sin(t / 11)))
+    img = scene[dy:dy + height, dx:dx + width].copy()
+    for k, (x0, y0, vx, vy) in enumerate(objects):
+      x = int((x0 + 0.05 * vx * t) % 1 * (width - width // 8))
+      y = int((y0 + 0.04 * vy * t) % 1 * (height - height // 6))
+      img[y:y + height // 6, x:x + width // 8] = (60 * k + 40, 200 - 40 * k, 90 + 30 * k)
+    img += rng.normal(0, 2.0, img.shape).astype(np.float32)
+    frame = av.VideoFrame.from_ndarray(np.clip(img, 0, 255).astype(np.uint8), format="rgb24")
+    for packet in stream.encode(frame):
+      container.mux(packet)
+  for packet in stream.encode():
+    container.mux(packet)
+  container.close()
+  os.replace(tmp, path)
+  return path
+
+
+def cached_video(cache_dir: str, **kw) -> str:
+  key = hashlib.sha1(json.dumps(kw, sort_keys=True).encode()).hexdigest()[:12]
+  path = os.path.join(cache_dir, f"decode_bench_{kw['width']}x{kw['height']}_{key}.mp4")
+  if not os.path.exists(path):
+    os.makedirs(cache_dir, exist_ok=True)
+    make_video(path, **kw)
+  return path
+
+
+def reference_read(path: str, num_frames: int, image_size: int, threads: int) -> np.ndarray:
+  """The reference's reader: every frame decoded and converted to RGB in order; sampled ones kept and resized."""
+  info = probe_video(path)
+  wanted = set(sample_frame_indices(info.native_fps, info.frame_count, num_frames, 1.0))
+  kept = []
+  with av.open(path) as container:
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = threads
+    for index, frame in enumerate(container.decode(stream)):
+      rgb = frame.to_ndarray(format="rgb24", interpolation="BICUBIC")
+      if index in wanted:
+        kept.append(rgb)
+      if index >= max(wanted):
+        break
+  return resize_frames(np.stack(kept), image_size)
+
+
+def _time(fn, repeats: int) -> dict:
+  walls, cpus, out = [], [], None
+  for _ in range(repeats):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    walls.append(time.perf_counter() - w)
+    cpus.append(time.process_time() - c)
+  return {"wall_s": min(walls), "cpu_s": min(cpus), "out": out}
+
+
+def gop_stats(path: str) -> dict:
+  with av.open(path) as container:
+    stream = container.streams.video[0]
+    keys = sum(1 for p in container.demux(stream) if p.size and p.is_keyframe)
+  return {"keyframes": keys, "size_mb": round(os.path.getsize(path) / 2**20, 1)}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--quick", action="store_true", help="20 s 320x180 video, 1 repeat")
+  ap.add_argument("--minutes", type=float, default=7.0)
+  ap.add_argument("--width", type=int, default=1280)
+  ap.add_argument("--height", type=int, default=720)
+  ap.add_argument("--fps", type=int, default=30)
+  ap.add_argument("--gops", default="250,60", help="comma list of keyframe intervals; 0 = x264 default")
+  ap.add_argument("--preset", default="veryfast", help="x264 preset used to encode the test video")
+  ap.add_argument("--num-frames", type=int, default=420)
+  ap.add_argument("--image-size", type=int, default=384)
+  ap.add_argument("--threads", default="1", help="comma list of decoder thread counts (= cores per worker)")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--chip-period-s", type=float, default=5.0, help="one clip per chip every this many seconds")
+  ap.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "qv_jax_bench"))
+  args = ap.parse_args()
+  if args.quick:
+    args.minutes, args.width, args.height, args.repeats = 20 / 60, 320, 180, 1
+  results = []
+  for gop in [int(g) for g in args.gops.split(",")]:
+    path = cached_video(args.cache_dir, seconds=args.minutes * 60, width=args.width, height=args.height,
+                        rate=args.fps, gop=gop or None, preset=args.preset)
+    info = probe_video(path)
+    with open(path, "rb") as f:
+      data = f.read()
+    for threads in [int(t) for t in args.threads.split(",")]:
+      ours = _time(lambda: read_video(path, num_frames=args.num_frames, image_size=args.image_size,
+                                      threads=threads), args.repeats)
+      ours_bytes = _time(lambda: read_video(data, num_frames=args.num_frames, image_size=args.image_size,
+                                            threads=threads), args.repeats)
+      ref = _time(lambda: reference_read(path, args.num_frames, args.image_size, threads), args.repeats)
+      n = len(ours["out"].indices)
+      if not np.array_equal(ours["out"].frames, ref["out"]):
+        raise SystemExit(f"decoded frames differ from the sequential reference (gop {gop}, threads {threads})")
+      clips_s = 1 / ours["wall_s"]
+      per_core = clips_s / threads
+      results.append({
+          "gop": gop or "x264-default", **gop_stats(path), "threads": threads, "frames_per_clip": n,
+          "ours_s": round(ours["wall_s"], 3), "ours_cpu_s": round(ours["cpu_s"], 3),
+          "ours_from_bytes_s": round(ours_bytes["wall_s"], 3),
+          "reference_s": round(ref["wall_s"], 3), "reference_cpu_s": round(ref["cpu_s"], 3),
+          "speedup": round(ref["wall_s"] / ours["wall_s"], 2),
+          "clips_per_s_per_worker": round(clips_s, 3), "frames_per_s_per_worker": round(n * clips_s, 1),
+          "clips_per_s_per_core": round(per_core, 3),
+          "cores_per_chip": round((1 / args.chip_period_s) / per_core, 2),
+      })
+  print(json.dumps({
+      "benchmark": "decode", "quick": args.quick,
+      "video": {"seconds": args.minutes * 60, "width": args.width, "height": args.height, "fps": args.fps,
+                "codec": "h264", "preset": args.preset, "native_fps": info.native_fps,
+                "frame_count": info.frame_count},
+      "num_frames": args.num_frames, "image_size": args.image_size, "chip_period_s": args.chip_period_s,
+      "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "pyav": av.__version__},
+      "results": results,
+  }, indent=1))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,83 @@
+"""Name mapping from the reference compressor (cubing + vision_resampler) to `Compressor` params.
+
+Sources are the reference state-dict names without the leading `model.` (SPEC §8); targets are paths
+relative to the Compressor module (`compressor/...` in the whole model, via `with_prefix`). Linear
+weights (out, in) are transposed to kernels (in, out); MultiheadAttention's packed in_proj is split in
+thirds (q, k, v) and each third transposed; `proj` is right-multiplied in the reference and kept as is;
+LayerNorm weight/bias become scale/bias. The 3D sincos table is recomputed, never loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from qv_jax.convert.mapping import apply_table, compose, rule, split_thirds, transpose
+
+_LN = r"(?P<ln>ln_q|ln_kv|ln_post)"
+
+COMPRESSOR_TABLE = (
+    rule(r"cubing\.agg_frame_fn\.0\.weight", "cubing/agg/kernel", transform=transpose),
+    rule(r"cubing\.agg_frame_fn\.0\.bias", "cubing/agg/bias"),
+    rule(r"cubing\.proj_fn\.0\.weight", "cubing/norm/scale"),
+    rule(r"cubing\.proj_fn\.0\.bias", "cubing/norm/bias"),
+    rule(r"cubing\.proj_fn\.1\.weight", "cubing/fc1/kernel", transform=transpose),
+    rule(r"cubing\.proj_fn\.1\.bias", "cubing/fc1/bias"),
+    rule(r"cubing\.proj_fn\.3\.weight", "cubing/fc2/kernel", transform=transpose),
+    rule(r"cubing\.proj_fn\.3\.bias", "cubing/fc2/bias"),
+    rule(r"cubing\.thumbnail_fn\.1\.weight", "thumbnail/kernel", transform=transpose),
+    rule(r"cubing\.thumbnail_fn\.1\.bias", "thumbnail/bias"),
+    rule(r"vision_resampler\.query", "resampler/query"),
+    rule(r"vision_resampler\.kv_proj\.weight", "resampler/kv_proj/kernel", transform=transpose),
+    rule(r"vision_resampler\.attn\.in_proj_weight", "resampler/q_proj/kernel", "resampler/k_proj/kernel",
+         "resampler/v_proj/kernel", transform=compose(split_thirds, transpose)),
+    rule(r"vision_resampler\.attn\.in_proj_bias", "resampler/q_proj/bias", "resampler/k_proj/bias",
+         "resampler/v_proj/bias", transform=split_thirds),
+    rule(r"vision_resampler\.attn\.out_proj\.weight", "resampler/out_proj/kernel", transform=transpose),
+    rule(r"vision_resampler\.attn\.out_proj\.bias", "resampler/out_proj/bias"),
+    rule(rf"vision_resampler\.{_LN}\.weight", "resampler/{ln}/scale"),
+    rule(rf"vision_resampler\.{_LN}\.bias", "resampler/{ln}/bias"),
+    rule(r"vision_resampler\.proj", "resampler/proj"),
+)
+
+# Buffers that may appear in a state dict but are recomputed (the non-persistent sincos table).
+COMPRESSOR_IGNORE = (r"vision_resampler\.pos_embed",)
+
+
+def compressor_param_shapes(model_config) -> dict[str, tuple[int, ...]]:
+  """{path: shape} of every param of `Compressor(model_config)` (abstract; nothing is allocated)."""
+  from flax import nnx
+
+  from qv_jax.convert.mapping import state_paths
+  from qv_jax.model.compressor import Compressor
+  abstract = nnx.eval_shape(lambda: Compressor(model_config, rngs=nnx.Rngs(0)))
+  return state_paths(nnx.state(abstract))
+
+
+def _config_from_tensors(names: Mapping[str, str], tensors: Mapping[str, np.ndarray]):
+  """A config.model whose compressor dims (Dv, D, Q) are read from the kv_proj and query tensors."""
+  from configs.quicksviewer import get_config
+  from qv_jax.convert.mapping import MappingError
+  missing = [n for n in ("vision_resampler.kv_proj.weight", "vision_resampler.query") if n not in names]
+  if missing:
+    raise MappingError(f"cannot infer the compressor dims: missing {missing}; pass model_config")
+  d, dv = np.shape(tensors[names["vision_resampler.kv_proj.weight"]])
+  q = np.shape(tensors[names["vision_resampler.query"]])[0]
+  model = get_config("size=tiny").model
+  model.vision.hidden_size = model.compressor.vision_dim = int(dv)
+  model.compressor.embed_dim, model.compressor.num_queries, model.compressor.num_heads = int(d), int(q), 1
+  return model
+
+
+def convert_compressor(tensors: Mapping[str, np.ndarray], model_config=None) -> dict[str, np.ndarray]:
+  """Reference compressor tensors (names with or without the leading `model.`, PyTorch layouts) ->
+  {Compressor param path: np.ndarray}. Expected shapes come from `Compressor(model_config)` (config.model)
+  or, without it, from dims read off the tensors (Dv, D from kv_proj, Q from query). Raises MappingError
+  listing every missing, extra or mis-shaped tensor."""
+  names = {(n[len("model."):] if n.startswith("model.") else n): n for n in tensors}
+  if model_config is None:
+    model_config = _config_from_tensors(names, tensors)
+  out, _ = apply_table(COMPRESSOR_TABLE, list(names), lambda n: np.asarray(tensors[names[n]]),
+                       expected=compressor_param_shapes(model_config), ignore=COMPRESSOR_IGNORE)
+  return out
