@@ -158,7 +158,8 @@ def run(target_gb: float, layout: str, workdir: Path) -> dict:
   sizes = {n: math.prod(s) * 2 for n, s in shapes.items()}
   stacked: dict[str, int] = {}
   for n, b in sizes.items():
-    key = n.split(".layers.")[-1].split(".", 1)[-1] if ".layers." in n else n
+    head, _, tail = n.partition(".layers.")
+    key = f"{head}.layers.{tail.split('.', 1)[-1]}" if tail else n
     stacked[key] = stacked.get(key, 0) + b
   proc = subprocess.run([sys.executable, "-c", CHILD, "--source", str(src), "--output", str(out), "--quiet"],
                         capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))

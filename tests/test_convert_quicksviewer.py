@@ -216,7 +216,10 @@ def test_config_is_derived_from_the_quicksviewer_config_json(qv_checkpoint, tmp_
       D.hidden_size, D.vocab_size, D.num_kv_heads)
   assert (m.compressor.embed_dim, m.compressor.num_queries, m.compressor.vision_dim) == (
       D.hidden_size, Q, V.hidden_size)
-  assert converted_params(tmp_path) == converted_params(tmp_path)   # readable
+  stored = converted_params(tmp_path)
+  assert stored["compressor/resampler/query"] == ((Q, D.hidden_size), "float32")
+  assert stored["vision_tower/layers/mlp/fc1/kernel"] == ((V.num_layers, V.hidden_size, V.intermediate_size),
+                                                          "float32")
 
 
 def _expect_error(sd, tmp_path, *patterns, **kw):
@@ -227,7 +230,7 @@ def _expect_error(sd, tmp_path, *patterns, **kw):
   for p in patterns:
     assert p in str(info.value), str(info.value)
   assert not (out / "params").exists() and not (out / "config.json").exists()
-  assert not list(out.glob("*partial_save*"))
+  assert not list(out.glob("params*"))
   return str(info.value)
 
 
@@ -339,3 +342,11 @@ def test_cli_entry_point_and_overwrite(tmp_path, capsys):
   config, params = load_converted(out)
   assert config.model.vision.hidden_size == V.hidden_size
   assert params["vision_tower"]["layers"]["layer_norm1"]["scale"].shape == (2, V.hidden_size)
+  assert sorted(p.name for p in out.iterdir()) == ["config.json", "conversion.json", "params"]
+  # params/ is a plain orbax pytree directory: the trainer's StandardCheckpointer restores it too.
+  import jax
+  import orbax.checkpoint as ocp
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  restored = ocp.StandardCheckpointer().restore(out / "params", abstract)
+  np.testing.assert_array_equal(np.asarray(restored["vision_tower"]["position_embedding"]),
+                                params["vision_tower"]["position_embedding"])

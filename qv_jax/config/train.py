@@ -16,6 +16,7 @@ PARAM_GROUPS = ("compressor", "embed_tokens", "lm_head", "vision_tower", "decode
 
 
 def train_defaults(stage: int) -> ml_collections.ConfigDict:
+  require(stage in STAGE_TRAINABLE, "train.stage", f"unknown stage {stage!r}; expected 1, 2 or 3")
   return ml_collections.ConfigDict(dict(
       stage=stage,
       learning_rate=STAGE_LEARNING_RATE.get(stage, 1e-5),

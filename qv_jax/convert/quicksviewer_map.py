@@ -79,7 +79,7 @@ def layout_table(layout: str, model_config) -> tuple[list[Rule], list[str]]:
            + with_prefix(compressor_map.COMPRESSOR_TABLE, "compressor/", QV_COMPRESSOR_PREFIX)
            + with_prefix(decoder_table(model_config), "decoder/"))
   ignore = ([re.escape(QV_VISION_PREFIX) + p for p in SIGLIP_IGNORE]
-            + [re.escape(QV_COMPRESSOR_PREFIX) + p for p in getattr(compressor_map, "COMPRESSOR_IGNORE", ())]
+            + [re.escape(QV_COMPRESSOR_PREFIX) + p for p in compressor_map.COMPRESSOR_IGNORE]
             + list(decoder_ignore(model_config)))
   return rules, ignore
 
@@ -92,12 +92,8 @@ def expected_shapes(layout: str, model_config) -> dict[str, tuple[int, ...]]:
   if "vision_tower" in parts:
     out.update({f"vision_tower/{p}": s for p, s in expected_vision_shapes(model_config).items()})
   if "compressor" in parts:
-    from flax import nnx
-
-    from qv_jax.convert.mapping import state_paths
-    from qv_jax.model.compressor import Compressor
-    abstract = nnx.eval_shape(lambda: Compressor(model_config, rngs=nnx.Rngs(0)))
-    out.update({f"compressor/{p}": s for p, s in state_paths(nnx.state(abstract)).items()})
+    from qv_jax.convert.compressor_map import compressor_param_shapes
+    out.update({f"compressor/{p}": s for p, s in compressor_param_shapes(model_config).items()})
   if "decoder" in parts:
     from qv_jax.convert.decoder_map import expected_decoder_shapes
     out.update({f"decoder/{p}": s for p, s in expected_decoder_shapes(model_config).items()})

@@ -2,8 +2,9 @@
 
 A converted directory holds:
 
-  params/          an orbax checkpoint (orbax v1 layout) of the nested param dict, full-model paths
-                   (`vision_tower/...`, `compressor/...`, `decoder/...`), in the stored dtype
+  params/          an orbax pytree checkpoint of the nested param dict, whole-model paths
+                   (`vision_tower/...`, `compressor/...`, `decoder/...`), in the stored dtype; the
+                   same layout `StandardCheckpointer` writes, so it restores with it too
   config.json      the qv-jax config the params belong to (`ConfigDict.to_json`)
   conversion.json  what was converted: layout, source, {path: [shape, dtype]}, mapped and ignored names
 
@@ -32,6 +33,8 @@ PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 REPORT_FILE = "conversion.json"
 _PARTIAL_SUFFIX = ".partial_save"   # orbax's temporary directory of an unfinished partial save
+# What a v0 `StandardCheckpointer` records for a pytree directory (its `_CHECKPOINT_METADATA`).
+_STANDARD_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
 
 
 def _ocp():
@@ -66,14 +69,17 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class ParamWriter:
   """Streams {path: array} into `directory/params` with orbax partial saves; `finalize` commits.
 
-  Arrays are buffered until `flush_bytes` (a larger one is saved on its own). Orbax copies an array
-  while it writes it, so a save costs about twice the buffer; `compress` (zstd) adds about one more
-  copy and is much slower, and weights barely compress, so it is off by default.
+  Arrays are buffered until `flush_bytes` (a larger one is saved on its own). A save holds its arrays
+  twice (the host copy handed to orbax); `compress` (zstd) adds about one more copy and is much slower,
+  and weights barely compress, so it is off by default. The partial saves build an orbax v1 checkpoint
+  in `directory/params.staging`; `finalize` moves its pytree to `directory/params`, a plain orbax pytree
+  directory that `orbax.checkpoint.StandardCheckpointer().restore` reads as well as `load_converted`.
   """
 
   def __init__(self, directory: str | os.PathLike, *, flush_bytes: int = 64 << 20, compress: bool = False):
     self.directory = Path(directory)
     self.path = self.directory / PARAMS_DIR
+    self.staging = self.directory / (PARAMS_DIR + ".staging")
     self.flush_bytes = flush_bytes
     self.compress = compress
     self._cpu = jax.devices("cpu")[0]
@@ -83,7 +89,7 @@ class ParamWriter:
     if self.path.exists():
       raise FileExistsError(f"{self.path} already exists")
     self.directory.mkdir(parents=True, exist_ok=True)
-    self._remove_partial()
+    self._remove_staging()
 
   def add(self, path: str, array: np.ndarray) -> None:
     if path in self.written:
@@ -102,11 +108,11 @@ class ParamWriter:
       ocp = _ocp()
       context = ocp.Context()
       context.array.saving.use_compression = self.compress
-      # Host CPU jax arrays (no copy on the CPU backend) take orbax's fast path; numpy leaves are slower.
+      # CPU jax arrays: orbax writes them several times faster than numpy leaves.
       tree = nest({p: jax.device_put(a, self._cpu) for p, a in self._buffer.items()})
       self._buffer.clear()
       with context:
-        ocp.partial.save(self.path, tree)
+        ocp.partial.save(self.staging, tree)
       del tree
     self._buffer.clear()
     self._buffered = 0
@@ -115,16 +121,26 @@ class ParamWriter:
     self.flush()
     if not self.written:
       raise MappingError("no params were converted")
-    _ocp().partial.finalize(self.path)
+    _ocp().partial.finalize(self.staging)
+    pytree_dirs = [d for d in self.staging.iterdir() if (d / "_METADATA").exists()]
+    if len(pytree_dirs) != 1:
+      raise RuntimeError(f"{self.staging}: expected one orbax pytree directory, found {pytree_dirs}")
+    os.rename(pytree_dirs[0], self.path)
+    meta = json.loads((self.staging / "_CHECKPOINT_METADATA").read_text())
+    meta["item_handlers"] = _STANDARD_HANDLER
+    (self.path / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
+    if (self.staging / "commit_success.txt").exists():
+      shutil.copy(self.staging / "commit_success.txt", self.path / "commit_success.txt")
+    shutil.rmtree(self.staging)
 
   def abort(self) -> None:
     self._buffer.clear()
-    self._remove_partial()
+    self._remove_staging()
 
-  def _remove_partial(self) -> None:
-    partial = self.path.parent / (self.path.name + _PARTIAL_SUFFIX)
-    if partial.exists():
-      shutil.rmtree(partial)
+  def _remove_staging(self) -> None:
+    for d in (self.staging, self.staging.parent / (self.staging.name + _PARTIAL_SUFFIX)):
+      if d.exists():
+        shutil.rmtree(d)
 
 
 def write_metadata(directory: str | os.PathLike, config: ml_collections.ConfigDict, report: dict) -> None:
@@ -227,5 +243,5 @@ def _load(directory: Path, abstract: dict, part: str | None) -> dict:
   context = ocp.Context()
   context.pytree.loading.partial_load = True   # the abstract tree may cover only some stored parts
   with context:
-    restored = ocp.load(directory / PARAMS_DIR, abstract)
+    restored = ocp.load(directory / PARAMS_DIR, abstract, checkpointable_name=None)
   return restored if part is None else restored[part.rstrip("/")]

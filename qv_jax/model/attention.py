@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qv_jax.layers.linear import default_kernel_init
 from qv_jax.model.rope import apply_rope
 from qv_jax.sharding import constrain, param
 

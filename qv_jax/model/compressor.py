@@ -149,16 +149,25 @@ class Compressor(nnx.Module):
   def __call__(self, features: jax.Array, num_frames: jax.Array, *, key: jax.Array | None,
                noise_weight=0.0, sample_ids: jax.Array | None = None) -> CompressorOutput:
     """features [B, F, P, Dv] (any float dtype), num_frames [B] int (2 ≤ N_b ≤ F; clipped to that
-    range inside a trace, checked by `check_inputs` when called with concrete values), key: the step's
-    Gumbel key (None: no noise), noise_weight: scalar η, sample_ids [B] (default arange(B)) fold the
-    per-sample keys."""
+    range inside a trace), key: the step's Gumbel key (None: no noise), noise_weight: scalar η,
+    sample_ids [B] (default arange(B)) fold the per-sample keys. Called outside any trace (eager), the
+    inputs are first checked on the host by `check_inputs` and the step runs jitted."""
     s = self.settings
     _check_static(features.shape, s)
-    b, f, _, _ = features.shape
+    b = features.shape[0]
     if np.shape(num_frames) != (b,):
       raise ValueError(f"num_frames: expected shape ({b},), got {np.shape(num_frames)}")
-    if _is_concrete(features, num_frames):
+    if sample_ids is not None and np.shape(sample_ids) != (b,):
+      raise ValueError(f"sample_ids: expected shape ({b},), got {np.shape(sample_ids)}")
+    if _is_concrete(features, num_frames, key, noise_weight, sample_ids, *jax.tree.leaves(nnx.state(self))):
       check_inputs(features, num_frames, s)
+      return _compress_jit(self, features, num_frames, key, noise_weight, sample_ids)
+    return self.compress(features, num_frames, key, noise_weight, sample_ids)
+
+  def compress(self, features, num_frames, key, noise_weight, sample_ids) -> CompressorOutput:
+    """`__call__` without the host checks (the traced body)."""
+    s = self.settings
+    b, f, _, _ = features.shape
     kmax = max_cubes(f, s.frames_per_cube)
     n = jnp.clip(jnp.asarray(num_frames, jnp.int32), 2, f)
     frame_valid = jnp.arange(f)[None, :] < n[:, None]
@@ -205,3 +214,6 @@ class Compressor(nnx.Module):
     out = self.resampler(x, jnp.zeros((b * i, 1), jnp.int32), ones, num_cubes=1,
                          frame_positions=jnp.zeros((1,), jnp.int32))
     return out.reshape(b, i, *out.shape[2:])
+
+
+_compress_jit = nnx.jit(lambda module, *args: module.compress(*args))
