@@ -2,10 +2,12 @@
 reference's way of reading (decode every frame in order and convert every frame to RGB, as OpenCV's
 `VideoCapture.read` loop does, then resize the sampled frames).
 
-The test video is generated with PyAV (H.264, yuv420p, CRF 23) from synthetic but camera-like content: a smooth
-textured scene panning slowly, moving objects, sensor noise and a scene cut every 20 s, so frame sizes and
-decode costs resemble real footage (pure-noise content would make keyframes unrealistically expensive). It is
-cached in --cache-dir. Prints one JSON object.
+The test video is generated with PyAV (H.264, yuv420p, CRF 23, x264 "veryfast": CABAC, 3 B-frames with
+B-pyramid) from synthetic camera-like content: a 1/f-textured scene panning, textured objects moving, mild sensor
+noise and a scene cut every 20 s, so that keyframes cost several times a P-frame to decode, as in real footage
+(pure-noise content makes keyframes unrealistically expensive). It is cached in --cache-dir. Both readers are
+timed on the same decoder thread count; the frames they return are checked to be identical. Prints one JSON
+object.
 
   python benchmarks/decode.py --quick                       # seconds: 20 s 320x180 video
   python benchmarks/decode.py                               # 7 min 1280x720 30 fps, GOPs 250 (x264 default) and 60
@@ -22,25 +24,30 @@ import time
 
 import av
 import numpy as np
-from PIL import Image
 
 from data_pipeline.preprocess import resize_frames
 from data_pipeline.video import probe_video, read_video, sample_frame_indices
 
 
-def _scene(rng, width: int, height: int) -> np.ndarray:
-  """A smooth, textured float32 [2H, 2W, 3] scene: low-frequency colour blobs plus finer detail."""
-  def layer(div, amp):
-    small = rng.uniform(0, 255, (max(2 * height // div, 2), max(2 * width // div, 2), 3)).astype(np.uint8)
-    big = np.asarray(Image.fromarray(small).resize((2 * width, 2 * height), Image.Resampling.BICUBIC))
-    return (big.astype(np.float32) - 128) * amp
-  return np.clip(128 + layer(48, 0.9) + layer(12, 0.35) + layer(3, 0.12), 0, 255)
+def _texture(rng, height: int, width: int, alpha: float = 1.5, contrast: float = 40.0) -> np.ndarray:
+  """float32 [H, W, 3] around 128 with a 1/f^alpha amplitude spectrum (natural images are near alpha 1-2)."""
+  fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+  f = np.sqrt(fx ** 2 + fy ** 2)
+  f[0, 0] = 1.0
+  channels = []
+  for _ in range(3):
+    spectrum = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f ** alpha
+    spectrum[0, 0] = 0
+    img = np.fft.irfft2(spectrum, s=(height, width))
+    channels.append(img / img.std())
+  return (128 + contrast * np.stack(channels, -1)).astype(np.float32)
 
 
 def make_video(path: str, *, seconds: float, width: int, height: int, rate: int, gop: int | None,
                preset: str = "veryfast", seed: int = 0) -> str:
-  """Encode the synthetic camera-like clip to `path` (H.264 CRF 23). gop None keeps x264's default (250 +
-  scene cuts)."""
+  """Encode the synthetic camera-like clip to `path` (H.264 CRF 23): a 1/f-textured scene panning, three
+  textured objects moving across it, mild sensor noise, a new scene every 20 s. gop None keeps x264's default
+  (keyint 250 plus scene cuts)."""
   rng = np.random.default_rng(seed)
   tmp = path + ".part"
   container = av.open(tmp, "w", format="mp4")
@@ -51,19 +58,19 @@ def make_video(path: str, *, seconds: float, width: int, height: int, rate: int,
     stream.codec_context.gop_size = gop
     opts["x264-params"] = f"keyint={gop}:min-keyint={min(gop, 25)}"
   stream.options = opts
-  objects = rng.uniform(0, 1, (4, 4))
-  scene = None
+  scene = objects = None
   for i in range(int(seconds * rate)):
     if i % (20 * rate) == 0:
-      scene = _scene(rng, width, height)
+      scene = _texture(rng, 2 * height, 2 * width)
+      objects = [(_texture(rng, height // 4, width // 6), rng.uniform(0, 1, 4)) for _ in range(3)]
     t = i / rate
-    dx, dy = int(width * 0.5 * (1 + np.sin(t / 7))), int(height * 0.5 * (1 + np.sin(t / 11)))
+    dx, dy = int(width * 0.5 * (1 + np.sin(3 * t / 7))), int(height * 0.5 * (1 + np.sin(3 * t / 11)))
     img = scene[dy:dy + height, dx:dx + width].copy()
-    for k, (x0, y0, vx, vy) in enumerate(objects):
-      x = int((x0 + 0.05 * vx * t) % 1 * (width - width // 8))
-      y = int((y0 + 0.04 * vy * t) % 1 * (height - height // 6))
-      img[y:y + height // 6, x:x + width // 8] = (60 * k + 40, 200 - 40 * k, 90 + 30 * k)
-    img += rng.normal(0, 2.0, img.shape).astype(np.float32)
+    for obj, (x0, y0, vx, vy) in objects:
+      x = int((x0 + 0.1 * vx * t) % 1 * (width - obj.shape[1]))
+      y = int((y0 + 0.1 * vy * t) % 1 * (height - obj.shape[0]))
+      img[y:y + obj.shape[0], x:x + obj.shape[1]] = obj
+    img += rng.normal(0, 0.7, img.shape).astype(np.float32)
     frame = av.VideoFrame.from_ndarray(np.clip(img, 0, 255).astype(np.uint8), format="rgb24")
     for packet in stream.encode(frame):
       container.mux(packet)
@@ -74,8 +81,11 @@ def make_video(path: str, *, seconds: float, width: int, height: int, rate: int,
   return path
 
 
+CONTENT_VERSION = 2  # bump when make_video's content changes, so cached files are regenerated
+
+
 def cached_video(cache_dir: str, **kw) -> str:
-  key = hashlib.sha1(json.dumps(kw, sort_keys=True).encode()).hexdigest()[:12]
+  key = hashlib.sha1(json.dumps({**kw, "version": CONTENT_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
   path = os.path.join(cache_dir, f"decode_bench_{kw['width']}x{kw['height']}_{key}.mp4")
   if not os.path.exists(path):
     os.makedirs(cache_dir, exist_ok=True)

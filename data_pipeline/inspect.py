@@ -18,7 +18,7 @@ def inspect_video(path: str, *, question: str, num_frames: int | None, fps: floa
   from data_pipeline.video import probe_video, read_video
 
   info = probe_video(path)
-  clip = read_video(path, num_frames=num_frames, fps=fps, resize=False, threads=threads)
+  clip = read_video(path, num_frames=num_frames, fps=fps, image_size=16, threads=threads)
   user = video_prompt(question, clip.timestamps)
   conversation = [{"from": "human", "value": user}, {"from": "gpt", "value": ""}]
   out = {
@@ -26,8 +26,8 @@ def inspect_video(path: str, *, question: str, num_frames: int | None, fps: floa
       "native_fps": clip.native_fps,
       "frame_count": clip.frame_count,
       "codec": info.codec,
-      "width": int(clip.frames.shape[2]),
-      "height": int(clip.frames.shape[1]),
+      "width": info.width,
+      "height": info.height,
       "duration_s": round(info.duration_s, 3),
       "num_sampled": len(clip.indices),
       "indices": clip.indices,

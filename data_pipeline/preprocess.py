@@ -8,8 +8,9 @@ in float64, cast to float32, then `(x - 0.5) / 0.5` in float32) through a 256-en
 import numpy as np
 from PIL import Image
 
-_NORMALIZE_TABLE = ((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-                    - np.float32(0.5)) / np.float32(0.5)
+NORMALIZE_TABLE = ((np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+                   - np.float32(0.5)) / np.float32(0.5)
+"""float32 [256]: the processor's value for each uint8 level; `table[frames]` (numpy or jnp) is bit-exact."""
 
 
 def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -36,4 +37,4 @@ def normalize(frames: np.ndarray) -> np.ndarray:
   frames = np.asarray(frames)
   if frames.dtype != np.uint8:
     raise ValueError(f"normalize: expected uint8 pixels, got {frames.dtype}")
-  return _NORMALIZE_TABLE[frames]
+  return NORMALIZE_TABLE[frames]

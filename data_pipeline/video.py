@@ -234,6 +234,7 @@ def _legacy_rotation(stream) -> int:
 
 
 SEEK_MIN_PACKETS = 90  # seek past a run of unneeded GOPs only when it is at least this many packets long
+MAX_GOP_BYTES = 128 << 20  # a longer GOP (e.g. a screen recording with one keyframe) is decoded sequentially
 
 
 def _send(stream, packet) -> list:
@@ -254,6 +255,7 @@ class _GopReader:
   def next_gop(self) -> list:
     gop = [self.pending] if self.pending is not None else []
     self.pending = None
+    size = sum(p.size for p in gop)
     for packet in self.packets:
       if packet.size == 0 and packet.pts is None and packet.dts is None:
         continue
@@ -261,6 +263,9 @@ class _GopReader:
         self.pending = packet
         return gop
       gop.append(packet)
+      size += packet.size
+      if size > MAX_GOP_BYTES:
+        raise _Fallback(f"a GOP longer than {MAX_GOP_BYTES >> 20} MiB")
     return gop
 
   def seek(self, timestamp: int) -> None:

@@ -350,3 +350,21 @@ def test_cli_entry_point_and_overwrite(tmp_path, capsys):
   restored = ocp.StandardCheckpointer().restore(out / "params", abstract)
   np.testing.assert_array_equal(np.asarray(restored["vision_tower"]["position_embedding"]),
                                 params["vision_tower"]["position_embedding"])
+
+
+def test_llama3_checkpoint_config_round_trips_rope_scaling(tmp_path):
+  rope = dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=256)
+  llama = randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=1, rope_parameters=rope, bos_token_id=None, eos_token_id=None,
+      pad_token_id=None)), 8)
+  llama.save_pretrained(tmp_path / "llama", safe_serialization=True)
+  (report,) = convert(tmp_path / "llama", tmp_path / "out", progress=False)
+  assert report.layout == "decoder"
+  config, params = load_converted(tmp_path / "out", part="decoder")
+  d = config.model.decoder
+  assert (d.family, d.num_kv_heads, d.qkv_bias, d.vocab_size) == ("llama3", 1, False, 96)
+  assert d.rope_scaling.factor == 8.0 and d.rope_scaling.original_max_position_embeddings == 256
+  assert config.model.compressor.embed_dim == 64
+  assert params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (2, 64, 1, 16)

@@ -11,7 +11,8 @@ from data_pipeline.image import (DEFAULT_PINPOINTS, anyres_crops, read_image_cro
 
 
 def image(w, h, seed=0):
-  return np.random.default_rng(seed).integers(64, 192, (h, w, 3), dtype=np.uint8)  # no black pixels, even after bicubic ringing
+  # values 64..191: no black pixel, even after bicubic ringing
+  return np.random.default_rng(seed).integers(64, 192, (h, w, 3), dtype=np.uint8)
 
 
 def test_best_resolution_landscape():
@@ -78,6 +79,7 @@ def test_read_from_bytes_and_path_and_grey(tmp_path):
   assert read_image_crops(str(tmp_path / "g.png")).shape[-1] == 3
 
 
-@pytest.mark.parametrize("size, n", [((640, 480), 4), ((1000, 200), 3), ((200, 1000), 3), ((300, 300), 4), ((150, 400), 2)])
+@pytest.mark.parametrize("size, n", [((640, 480), 4), ((1000, 200), 3), ((200, 1000), 3), ((300, 300), 4),
+                                     ((150, 400), 2)])
 def test_every_pinpoint_gives_two_to_four_patches(size, n):
   assert anyres_crops(image(*size)).shape[0] == 1 + n

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import videos
+from data_pipeline.errors import BadSampleError
 from data_pipeline.preprocess import normalize, resize_frames
 from data_pipeline.video import frame_timestamps, probe_video, read_video, sample_frame_indices
 from test_video_sampling import spec_indices
@@ -223,3 +224,12 @@ def test_fraction_rates_round_trip(tmp_path):
   clip = read_video(path, image_size=32)
   assert clip.indices == [11, 35, 59]  # int(i + 11.988)
   assert drawn_indices(clip.frames) == [11, 35, 59]
+
+
+def test_oversized_gop_falls_back_to_sequential(vids, monkeypatch):
+  from data_pipeline import video as video_module
+  monkeypatch.setattr(video_module, "MAX_GOP_BYTES", 2000)
+  with pytest.raises(BadSampleError):
+    read_video(vids["bframes"], image_size=32, strategy="gop")
+  clip = read_video(vids["bframes"], image_size=32)  # auto: sequential
+  assert drawn_indices(clip.frames) == clip.indices == list(range(15, 300, 30))

@@ -231,3 +231,18 @@ def test_bad_pixel_shapes_name_the_expected_shape(shape, method):
   tower = SiglipVisionTower(tiny_model_config(), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"expected \[(N|B, F), 98, 98, 3\]"):
     getattr(tower, method)(jnp.zeros(shape, jnp.float32))
+
+
+def test_converted_params_restore_into_a_sharded_tower(hf_siglip):
+  _, _, out = hf_siglip
+  config, host = load_converted(out, part="vision_tower")
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(config.mesh)
+  tower = sharding.create_sharded(lambda: SiglipVisionTower(config.model, rngs=nnx.Rngs(0)), mesh)
+  target = nnx.state(tower)
+  _, params = load_converted(out, target, part="vision_tower", strict=True)
+  got = params["layers"]["mlp"]["fc1"]["kernel"]
+  want = target["layers"]["mlp"]["fc1"]["kernel"].get_value()
+  assert got.sharding == want.sharding and got.dtype == jnp.float32
+  assert got.sharding.spec[2] == "tensor"
+  np.testing.assert_array_equal(np.asarray(got), host["layers"]["mlp"]["fc1"]["kernel"])

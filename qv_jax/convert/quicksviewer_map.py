@@ -173,7 +173,7 @@ def resize_vocab_rows(table: np.ndarray, vocab_size: int, num_new: int = len(SPE
   if keep <= 0:
     raise MappingError(f"cannot resize a vocabulary of {table.shape[0]} rows to {vocab_size}")
   kept = table[:keep]
-  mean = kept.astype(np.float64).mean(axis=0).astype(table.dtype)
+  mean = kept.mean(axis=0, dtype=np.float64).astype(table.dtype)   # buffered: no float64 copy of the table
   return np.concatenate([kept, np.broadcast_to(mean, (vocab_size - keep,) + table.shape[1:])])
 
 
@@ -234,29 +234,33 @@ def _fmt_source(names: Iterable[str], shape: Callable[[str], Any], dtype: Callab
 
 
 def build_group(table: list[Rule], paths: tuple[str, ...], group: Group, load: Callable[[str], np.ndarray],
-                expected: Mapping[str, tuple[int, ...]], sink: Callable[[str, np.ndarray], None]):
-  """Maps one group through `apply_table`. A stacked group is mapped layer by layer into preallocated
-  [L, ...] arrays (targets `path[i]`), so it costs one copy of the param, not the layers plus a stack.
-  Returns the `apply_table` report."""
+                expected: Mapping[str, tuple[int, ...]], sink: Callable[[str, Any], None], dtype: Any = None):
+  """Maps one group through `apply_table` and hands its params to `sink`, cast to `dtype` if given.
+  A stacked group is mapped layer by layer (targets `path[i]`) into a preallocated [L, ...] buffer
+  (`StackBuffer`), so it is held once, not as L layers plus their stack. Returns the `apply_table`
+  report."""
+  from qv_jax.convert.writer import StackBuffer
   r = group.rule
   if r.stack is None:
-    return apply_table(table, group.names, load, {p: expected[p] for p in paths}, sink=sink)[1]
+    def cast(path, value):
+      sink(path, value if dtype is None else value.astype(dtype))
+    return apply_table(table, group.names, load, {p: expected[p] for p in paths}, sink=cast)[1]
   layer_rule = Rule(r.source, tuple(t + "[{%s}]" % r.stack for t in r.targets), r.transform)
   per_layer = {f"{p}[{i}]": tuple(expected[p][1:]) for p in paths for i in range(expected[p][0])}
-  stacked: dict[str, np.ndarray] = {}
+  stacked: dict[str, StackBuffer] = {}
 
   def fill(layer_path: str, value: np.ndarray) -> None:
     path, index = layer_path[:-1].rsplit("[", 1)
     if path not in expected or not 0 <= int(index) < expected[path][0]:
       return   # apply_table reports it as a target the model does not have
     if path not in stacked:
-      stacked[path] = np.empty(tuple(expected[path]), value.dtype)
-    stacked[path][int(index)] = value
+      stacked[path] = StackBuffer(expected[path], value.dtype if dtype is None else dtype)
+    stacked[path].set(int(index), value)
 
   _, report = apply_table([layer_rule], group.names, load, per_layer, sink=fill)
   report.mapped = [(name, tuple(t.rsplit("[", 1)[0] for t in targets)) for name, targets in report.mapped]
   for path in paths:
-    sink(path, stacked.pop(path))
+    sink(path, stacked.pop(path).value)
   return report
 
 
@@ -306,9 +310,7 @@ def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.n
   params: dict[str, tuple[tuple[int, ...], str]] = {}
   failures: list[str] = []
 
-  def write(path: str, array: np.ndarray) -> None:
-    if dtype is not None:
-      array = array.astype(dtype)
+  def write(path: str, array) -> None:
     if not failures:
       sink(path, array)
     params[path] = (tuple(array.shape), str(array.dtype))
@@ -320,7 +322,7 @@ def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.n
   with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {layout}", disable=not progress) as bar:
     for paths, group in sorted(groups.items(), key=lambda kv: first[kv[1].names[0]]):
       try:
-        mapped.extend(build_group(table, paths, group, load, expected, write).mapped)
+        mapped.extend(build_group(table, paths, group, load, expected, write, dtype).mapped)
       except MappingError as e:
         hint = ""
         if any(n in VOCAB_TENSORS for n in group.names) and not resize_vocab:

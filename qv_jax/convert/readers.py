@@ -52,6 +52,16 @@ def _refuse_pickles(files: list[Path], where: Path) -> None:
       "`AutoModel.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`).")
 
 
+def aligned_empty(shape: tuple[int, ...], dtype, align: int = 4096) -> np.ndarray:
+  """An uninitialised C-contiguous array whose data starts on an `align`-byte boundary: JAX's CPU
+  backend then wraps it without a copy (numpy's own buffers are only 16-byte aligned)."""
+  dtype = np.dtype(dtype)
+  nbytes = math.prod(shape) * dtype.itemsize
+  raw = np.empty(nbytes + align, np.uint8)
+  start = -raw.ctypes.data % align
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 class _Entry:
   __slots__ = ("file", "dtype", "shape", "start", "end")
 
@@ -185,12 +195,12 @@ class SafetensorsReader:
       raise KeyError(f"{self.path}: no tensor named {name!r}") from None
 
   def load(self, name: str) -> np.ndarray:
-    """Reads one tensor into a fresh array (native byte order)."""
+    """Reads one tensor into a fresh page-aligned array (native byte order)."""
     e = self._entry(name)
     handle = self._handles.get(e.file)
     if handle is None:
       handle = self._handles[e.file] = open(e.file, "rb")
-    out = np.empty(e.shape, e.dtype)
+    out = aligned_empty(e.shape, e.dtype)
     view = out.reshape(-1).view(np.uint8)
     handle.seek(e.start)
     done = 0

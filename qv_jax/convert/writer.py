@@ -17,6 +17,7 @@ target's dtypes and shardings.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from qv_jax.convert.mapping import MappingError
+from qv_jax.convert.readers import aligned_empty
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -66,12 +68,25 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+class StackBuffer:
+  """A stacked [L, ...] param filled one layer at a time, held once (not as L layers plus a stack).
+
+  The buffer is page-aligned, so handing it to orbax (`jax.device_put` on the CPU backend) aliases it
+  instead of copying it."""
+
+  def __init__(self, shape: tuple[int, ...], dtype):
+    self.value = aligned_empty(tuple(shape), dtype)
+
+  def set(self, index: int, layer: np.ndarray) -> None:
+    self.value[index] = layer
+
+
 class ParamWriter:
   """Streams {path: array} into `directory/params` with orbax partial saves; `finalize` commits.
 
-  Arrays are buffered until `flush_bytes` (a larger one is saved on its own). A save holds its arrays
-  twice (the host copy handed to orbax); `compress` (zstd) adds about one more copy and is much slower,
-  and weights barely compress, so it is off by default. The partial saves build an orbax v1 checkpoint
+  Arrays are buffered until `flush_bytes` (a larger one is saved on its own). A page-aligned array is
+  saved without a copy, another is copied once; `compress` (zstd) adds about one more copy and is much
+  slower, and weights barely compress, so it is off by default. The partial saves build an orbax v1 checkpoint
   in `directory/params.staging`; `finalize` moves its pytree to `directory/params`, a plain orbax pytree
   directory that `orbax.checkpoint.StandardCheckpointer().restore` reads as well as `load_converted`.
   """
@@ -108,12 +123,14 @@ class ParamWriter:
       ocp = _ocp()
       context = ocp.Context()
       context.array.saving.use_compression = self.compress
-      # CPU jax arrays: orbax writes them several times faster than numpy leaves.
+      # Orbax writes CPU jax arrays without a copy and several times faster than numpy leaves;
+      # device_put aliases a page-aligned numpy array (reader and StackBuffer outputs) and copies others.
       tree = nest({p: jax.device_put(a, self._cpu) for p, a in self._buffer.items()})
       self._buffer.clear()
       with context:
         ocp.partial.save(self.staging, tree)
       del tree
+      gc.collect()   # orbax's async machinery leaves reference cycles that would keep the arrays alive
     self._buffer.clear()
     self._buffered = 0
 
@@ -155,10 +172,7 @@ def read_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
   file = Path(directory) / CONFIG_FILE
   if not file.exists():
     raise FileNotFoundError(f"{file}: not a converted checkpoint directory (no {CONFIG_FILE})")
-  config = ml_collections.ConfigDict(json.loads(file.read_text()))
-  if config.model.decoder.get("rope_scaling") is not None:
-    config.model.decoder.rope_scaling = ml_collections.ConfigDict(config.model.decoder.rope_scaling)
-  return validate(config)
+  return validate(ml_collections.ConfigDict(json.loads(file.read_text())))
 
 
 def converted_params(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:

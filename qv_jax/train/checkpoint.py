@@ -98,7 +98,10 @@ def check_params_match(directory, saved_metadata: dict, expected: dict, model_si
   if problems:
     shown = "; ".join(problems[:12]) + (f"; ... {len(problems) - 12} more" if len(problems) > 12 else "")
     size = f" (this run's model size is {model_size!r})" if model_size else ""
-    raise CheckpointError(f"checkpoint {directory} does not match the model{size}: {shown}")
+    parts = sorted({p.split()[-2 if p.startswith(("missing", "unexpected")) else 0].split("/")[0]
+                    for p in problems})
+    raise CheckpointError(f"checkpoint {directory} does not match the model{size}: {len(problems)} params "
+                          f"differ, in {', '.join(parts)}: {shown}")
 
 
 def _tree_metadata(item_metadata) -> dict:

@@ -32,6 +32,7 @@ from qv_jax.config import ConfigError, require, validate
 from qv_jax.config.train import validate_train_against
 from qv_jax.sharding import axis_rules, data_sharding, make_mesh
 from qv_jax.train import checkpoint as ckpt
+from qv_jax.train.flops import matmul_flops
 from qv_jax.train.metrics import MetricsWriter, StepTimer, compiled_flops
 from qv_jax.train.state import (TrainState, create_train_state, full_params, merge_trees, split_tree,
                                 train_state_spec)
@@ -204,7 +205,7 @@ def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = N
       start = int(jax.device_get(state.step))
       step_fn = make_train_step(spec.graphdef, config, spec.tx)
       compiled: dict[tuple, Any] = {}
-      flops = None
+      flops = xla_flops = None
       end = int(t.total_steps) if not t.stop_at else min(int(t.stop_at), int(t.total_steps))
       writer = MetricsWriter(workdir, total_steps=int(t.total_steps), start_step=start,
                              tensorboard=t.tensorboard, progress_bar=t.progress_bar, stage=int(t.stage))
@@ -238,7 +239,9 @@ def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = N
           if dt:
             scalars.update(step_time_s=dt, tokens_per_s=float(host["merged_tokens"]) / dt)
             if flops:
-              scalars["tflops_per_device"] = flops / dt / 1e12
+              scalars["tflops_per_device"] = flops / jax.device_count() / dt / 1e12
+            if xla_flops:
+              scalars["xla_tflops_per_device"] = xla_flops / dt / 1e12
           scalars.update(loader_counts(data_iter))
           writer.write(step_done, scalars)
           last = scalars
@@ -260,7 +263,8 @@ def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = N
           batch_shardings = {k: v.sharding for k, v in batch.items()}
           jitted = jit_train_step(step_fn, spec, batch_shardings)
           compiled[key] = jitted.lower(state, batch).compile()
-          flops = compiled_flops(compiled[key])
+          xla_flops = compiled_flops(compiled[key])
+          flops = matmul_flops(step_fn, state, batch)
         state, metrics = compiled[key](state, batch)
         if pending is not None:
           finish(*pending)

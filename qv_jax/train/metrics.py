@@ -1,8 +1,10 @@
 """Metrics: TensorBoard (tensorboardX), a tqdm progress bar and a JSON-lines file, written by process 0.
 
 Per logged step: loss, ce, aux, eta, learning_rate, grad_norm, tokens/s, step time, achieved TFLOP/s per
-device (XLA cost-analysis FLOPs of the compiled step / step time / devices), token counts, the loader's skip
-counts, and the cube-length histogram accumulated since the last log.
+device (`tflops_per_device`: the step's matmul FLOPs counted on its jaxpr with scan trip counts, see
+flops.py, / devices / step time; `xla_tflops_per_device`: XLA's cost analysis of the compiled per-device
+program / step time, which counts each loop body once and so undercounts scanned layers), token counts,
+the loader's skip counts, and the cube-length histogram accumulated since the last log.
 """
 
 from __future__ import annotations

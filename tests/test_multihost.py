@@ -1,0 +1,70 @@
+"""Two local processes with `jax.distributed` (CPU collectives over loopback, 4 devices each) train exactly
+like one process with 8 devices and the same global batch; each process feeds its own rows and writes its
+own data-iterator state into the shared checkpoint; the pair resumes from it."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from qv_jax.train.loop import train
+from test_train_util import CACHE_DIR, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch_pair(workdir, steps, stop_at=0):
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    cmd = [sys.executable, "-m", "launch.train", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+           f"--process_id={i}", "--cpu_devices=4", "--config", "configs/quicksviewer.py:size=tiny,stage=1",
+           "--workdir", str(workdir), "--config.data.dataset_name=synthetic", "--config.data.batch_size=8",
+           "--config.data.max_text_len=128", "--config.data.max_seq_len=128",
+           f"--config.train.total_steps={steps}", f"--config.train.stop_at={stop_at}",
+           "--config.train.log_every=1", "--config.train.progress_bar=False",
+           "--config.train.tensorboard=False", f"--config.train.compilation_cache_dir={CACHE_DIR}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True))
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=540)[0])
+    finally:
+      if p.poll() is None:
+        p.kill()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  return json.loads(outs[0].strip().splitlines()[-1])
+
+
+def test_two_processes_train_like_one(tmp_path):
+  steps = 4
+  pair = _launch_pair(tmp_path / "pair", steps, stop_at=2)
+  assert pair["final_step"] == 2
+  data_dir = tmp_path / "pair" / "checkpoints" / "2" / "data"
+  assert sorted(os.listdir(data_dir)) == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  states = [json.loads((data_dir / f"process_{i}-of-2.json").read_text()) for i in range(2)]
+  assert states[0] == states[1] == {"json": {"next_index": 2}}
+  resumed = _launch_pair(tmp_path / "pair", steps)
+  assert resumed["start_step"] == 2 and resumed["final_step"] == steps
+
+  c = tiny_config(1, batch_size=8, total_steps=steps)
+  single = train(c, workdir=str(tmp_path / "single"), devices=jax.devices()[:8])
+  together = {int(k): v for k, v in {**pair["losses"], **resumed["losses"]}.items()}
+  assert sorted(together) == list(range(1, steps + 1))
+  np.testing.assert_allclose([together[s] for s in range(1, steps + 1)],
+                             [single.losses[s] for s in range(1, steps + 1)], rtol=2e-5)
