@@ -13,8 +13,10 @@ last sampled frame, and H.264 / HEVC pictures no other picture references (nal_r
 sub-layer non-reference NAL types) are dropped unless sampled. Only sampled frames are converted to RGB (BT.601
 matrix, bicubic chroma, as OpenCV's swscale call does), rotated upright (display matrix or legacy `rotate` tag;
 OpenCV >= 4.5 auto-rotates the same way by default) and resized. Streams this cannot index safely (missing
-timestamps, open GOPs, no leading keyframe) fall back to decoding every frame in order and counting
-("sequential"), the reference's method. Memory is bounded by one GOP of packets plus the sampled frames.
+timestamps, no leading keyframe) fall back to decoding every frame in order and counting ("sequential"), the
+reference's method. Open GOPs (leading pictures that reference the previous GOP, as x265 and MPEG-4 Part 2 B-frames
+make) use "scan": one demux-only pass ranks every frame, then only the packet runs sampled frames need are decoded.
+Memory is bounded by one GOP of packets (plus one small tuple per packet for "scan") and the sampled frames.
 """
 
 import bisect
@@ -29,6 +31,7 @@ import numpy as np
 from data_pipeline.errors import BadSampleError
 from data_pipeline.preprocess import resize_image
 
+STRATEGIES = ("auto", "gop", "scan", "sequential")
 RGB_OPTIONS = dict(format="rgb24", src_colorspace="ITU601", interpolation="BICUBIC")
 
 
@@ -356,6 +359,67 @@ def _decode_gop_mode(container, stream, collector: _Collector, allow_seek: bool)
   send(None)
 
 
+def _decode_scan_mode(source, container, stream, collector: _Collector) -> None:
+  """Open GOPs: rank every frame from a demux-only pass, then decode contiguous runs of packets from the GOP start
+  a sampled frame needs (the previous GOP too for a leading picture) through the frame itself, dropping unsampled
+  non-reference pictures."""
+  wanted = collector.wanted
+  droppable = _droppable_fn(stream)
+  scan_container, scan_stream = _open(source)
+  try:
+    meta, gop_start, key_pts = [], [], []
+    for packet in scan_container.demux(scan_stream):
+      if packet.size == 0 and packet.pts is None and packet.dts is None:
+        continue
+      if packet.pts is None:
+        raise _Fallback("packets without timestamps")
+      if packet.is_keyframe or not meta:
+        if not packet.is_keyframe:
+          raise _Fallback("stream does not start with a keyframe")
+        gop_start.append(len(meta))
+        key_pts.append(packet.pts)
+      meta.append((packet.pts, packet.is_discard, len(gop_start) - 1,
+                   droppable is not None and droppable(packet)))
+  finally:
+    scan_container.close()
+  shown = sorted(pts for pts, discard, _, _ in meta if not discard)
+  if len(set(shown)) != len(shown):
+    raise _Fallback("repeated timestamps")
+  rank = {pts: r for r, pts in enumerate(shown)}
+  runs = []
+  for j, (pts, discard, gop, _) in enumerate(meta):
+    if not discard and rank[pts] in wanted:
+      first = gop - 1 if pts < key_pts[gop] and gop > 0 else gop
+      runs.append([gop_start[first], j])
+  merged = []
+  for start, end in sorted(runs):
+    if merged and start <= merged[-1][1] + 1:
+      merged[-1][1] = max(merged[-1][1], end)
+    else:
+      merged.append([start, end])
+  pts_to_index = {pts: rank[pts] for pts, discard, _, _ in meta if not discard and rank[pts] in wanted}
+  wanted_pts = set(pts_to_index)
+
+  def send(packet):
+    for frame in _send(stream, packet):
+      index = pts_to_index.pop(frame.pts, None)
+      if index is not None:
+        collector.add(index, frame)
+
+  run, position = 0, 0
+  for packet in container.demux(stream):
+    if packet.size == 0 and packet.pts is None and packet.dts is None:
+      continue
+    while run < len(merged) and position > merged[run][1]:
+      run += 1
+    if run == len(merged):
+      break
+    if position >= merged[run][0] and (packet.pts in wanted_pts or not meta[position][3]):
+      send(packet)
+    position += 1
+  send(None)
+
+
 def _decode_sequential(container, stream, collector: _Collector) -> None:
   last_wanted = max(collector.wanted)
   for index, frame in enumerate(container.decode(stream)):
@@ -367,8 +431,8 @@ def _decode_sequential(container, stream, collector: _Collector) -> None:
 def _decode(source, wanted: list[int], image_size: int | None, threads: int, strategy: str) -> dict[int, np.ndarray]:
   """{index: uint8 RGB frame} for the sampled indices that exist in the stream."""
   name = _name(source)
-  modes = {"auto": ("gop", "gop_noseek", "sequential"), "gop": ("gop", "gop_noseek"),
-           "sequential": ("sequential",)}[strategy]
+  modes = {"auto": ("gop", "gop_noseek", "scan", "sequential"), "gop": ("gop", "gop_noseek"),
+           "scan": ("scan",), "sequential": ("sequential",)}[strategy]
   k = 0
   while True:
     mode = modes[k]
@@ -380,15 +444,18 @@ def _decode(source, wanted: list[int], image_size: int | None, threads: int, str
       try:
         if mode == "sequential":
           _decode_sequential(container, stream, collector)
+        elif mode == "scan":
+          _decode_scan_mode(source, container, stream, collector)
         else:
           _decode_gop_mode(container, stream, collector, allow_seek=mode == "gop")
       except _SeekMismatch:
         k += 1
         continue
       except _Fallback as e:
-        if "sequential" not in modes:
-          raise BadSampleError("corrupt", f"stream cannot be decoded by GOP: {e}", name) from None
-        k = modes.index("sequential")
+        later = [m for m in ("scan", "sequential") if m in modes[k + 1:]]
+        if not later:
+          raise BadSampleError("corrupt", f"stream cannot be decoded with strategy {strategy!r}: {e}", name) from None
+        k = modes.index(later[0])
         continue
       except av.error.EOFError:
         pass
@@ -407,10 +474,11 @@ def read_video(source: str | os.PathLike | bytes, *, num_frames: int | None = 42
 
   Fewer than `min_frames` frames: retry once at fps+1 (SPEC §1.1.7), then BadSampleError("too_few_frames")
   ("zero_frames" when none decode). `threads`: decoder threads (0 = FFmpeg's choice, one per core; use 1-2 per
-  loader worker). `strategy`: "auto" (GOP-skipping decode, falling back to "sequential"), "gop" or "sequential".
-  Raises BadSampleError for any unreadable input."""
-  if strategy not in ("auto", "gop", "sequential"):
-    raise ValueError(f"strategy {strategy!r}; expected 'auto', 'gop' or 'sequential'")
+  loader worker). `strategy`: "auto" tries "gop" (streamed GOPs, index seeks), then "scan" (open GOPs), then
+  "sequential" (every frame, the reference's order); naming one forces it (no fallback beyond it). All return
+  identical frames. Raises BadSampleError for any unreadable input."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy {strategy!r}; expected one of {STRATEGIES}")
   name = _name(source)
   container, stream = _open(source)
   try:

@@ -128,16 +128,30 @@ def test_num_frames_none_and_small(vids):
   assert clip.indices == [45, 105, 195, 255]  # gap 2.5: k*2.5 + 1.25 -> 1, 3, 6, 8
 
 
-@pytest.mark.parametrize("name", ["bframes", "hevc", "hevc_open", "vp9", "vfr", "long", "rot90", "hd853"])
-def test_strategies_agree_pixel_for_pixel(vids, name):
+@pytest.mark.parametrize("strategy", ["auto", "scan"])
+@pytest.mark.parametrize("name", ["bframes", "hevc", "hevc_open", "vp9", "vfr", "long", "rot90", "hd853",
+                                  "mpeg4_bframes", "annexb"])
+def test_strategies_agree_pixel_for_pixel(vids, name, strategy):
   """GOP skipping, non-reference dropping and seeking give exactly the frames a full sequential decode gives."""
   kwargs = dict(num_frames=420 if name != "long" else 37, resize=False)
-  fast = read_video(vids[name], strategy="auto", **kwargs)
+  fast = read_video(vids[name], strategy=strategy, **kwargs)
   slow = read_video(vids[name], strategy="sequential", **kwargs)
   assert fast.indices == slow.indices and len(fast.indices) >= 2
   np.testing.assert_array_equal(fast.frames, slow.frames)
-  if name not in ("rot90",):
-    assert drawn_indices(fast.frames) == fast.indices
+  assert drawn_indices(fast.frames) == fast.indices
+
+
+@pytest.mark.parametrize("name, total", [("hevc_open", 150), ("mpeg4_bframes", 150)])
+def test_open_gop_streams_decode_a_subset(vids, monkeypatch, name, total):
+  from data_pipeline import video as video_module
+  with pytest.raises(BadSampleError, match="open GOP"):
+    read_video(vids[name], image_size=32, strategy="gop")
+  sent = []
+  original = video_module._send
+  monkeypatch.setattr(video_module, "_send", lambda stream, packet: (sent.append(packet), original(stream, packet))[1])
+  clip = read_video(vids[name], num_frames=3, image_size=32, strategy="scan")
+  assert drawn_indices(clip.frames) == clip.indices == [15, 75, 135]
+  assert len([p for p in sent if p is not None]) < total * 0.8
 
 
 def test_non_reference_pictures_are_dropped(vids, monkeypatch):

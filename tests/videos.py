@@ -210,7 +210,8 @@ def make_test_videos(directory) -> dict[str, str]:
   cfr30 (10 s, 30 fps), ntsc (29.97 fps, 20 s), vfr (irregular timestamps, mp4), hd853 (853×480 MPEG-4),
   rot90 / rot270 / rot180 (display matrix), rotate_tag (legacy `rotate` tag in Matroska), audio (AAC track),
   long (430 s at 10 fps, 64×36, one keyframe per second), short (1.5 s), tiny (0.5 s), bframes (H.264 with
-  B-pyramid), hevc (closed GOP), hevc_open (x265 open GOP), vp9 (WebM, no frame count in the header);
+  B-pyramid), hevc (closed GOP), hevc_open (x265 open GOP), vp9 (WebM, no frame count in the header),
+  mpeg4_bframes (AVI, MPEG-4 Part 2 with B-frames: open GOPs), annexb (H.264 with B-frames in MPEG-TS);
   broken: truncated, garbage, empty, audio_only, unsupported_codec, and `missing` (a path that does not exist).
   """
   d = os.fspath(directory)
@@ -236,6 +237,8 @@ def make_test_videos(directory) -> dict[str, str]:
       "hevc_open": write_video(p("hevc_open.mp4"), num_frames=150, codec="libx265", bframes=3, gop=50,
                                options=x265),
       "vp9": write_video(p("vp9.webm"), num_frames=90, codec="libvpx-vp9", options={"deadline": "realtime"}),
+      "mpeg4_bframes": write_video(p("mpeg4_bframes.avi"), num_frames=150, codec="mpeg4", bframes=2, gop=50),
+      "annexb": write_video(p("annexb.ts"), num_frames=150, bframes=3, gop=50),
   }
   out["truncated"] = write_truncated(out["cfr30"], p("truncated.mp4"))
   out["garbage"] = write_garbage(p("garbage.mp4"))

@@ -29,7 +29,7 @@ def data_defaults(size: str) -> ml_collections.ConfigDict:
       read_threads=2,              # loader: threads decoding samples in each worker (or the main process)
       read_buffer=4,               # loader: decoded samples buffered ahead per worker (memory: ~clip size each)
       decode_threads=1,            # decode: FFmpeg threads per video read (0 = one per core)
-      decode_strategy="auto",      # decode: "auto" (skip unneeded GOPs/pictures), "gop" or "sequential"
+      decode_strategy="auto",      # decode: "auto" (skip unneeded GOPs/pictures), "gop", "scan", "sequential"
       min_frames=2,                # decode: fewer frames -> retry at fps + 1, then skip the sample (SPEC §1.1.7)
       shuffle_seed=0,
       drop_remainder=True,
@@ -42,8 +42,8 @@ def validate_data(d, model) -> None:
   require(d.fps > 0, f"{f}.fps", f"must be positive, got {d.fps}")
   require(round(d.fps) >= 1, f"{f}.fps", f"{d.fps} takes round(fps) = 0 frames per second (SPEC §1.1); use fps > 0.5")
   require(d.decode_threads >= 0, f"{f}.decode_threads", f"must be >= 0, got {d.decode_threads}")
-  require(d.decode_strategy in ("auto", "gop", "sequential"), f"{f}.decode_strategy",
-          f"{d.decode_strategy!r}; expected 'auto', 'gop' or 'sequential'")
+  require(d.decode_strategy in ("auto", "gop", "scan", "sequential"), f"{f}.decode_strategy",
+          f"{d.decode_strategy!r}; expected 'auto', 'gop', 'scan' or 'sequential'")
   require(d.min_frames >= 1, f"{f}.min_frames", f"must be >= 1, got {d.min_frames}")
   require(d.max_frames >= 2, f"{f}.max_frames", f"a video needs at least 2 frames, got {d.max_frames}")
   buckets = tuple(d.frame_buckets)
