@@ -70,7 +70,10 @@ def random_video(rng: np.random.Generator, video_id: str, *, min_seconds: int = 
   count = scenes or num_cubes(seconds, frames_per_cube)
   count = min(count, seconds // min_scene)
   slack = seconds - count * min_scene
-  extra = rng.multinomial(slack, np.ones(count) / count)
+  # A uniformly random composition of the slack (stars and bars): scene lengths vary widely, so the
+  # uniform partition is not a good guess of the cuts.
+  bars = np.sort(rng.choice(slack + count - 1, size=count - 1, replace=False))
+  extra = np.diff(np.concatenate([[-1], bars, [slack + count - 1]])) - 1
   lengths = min_scene + extra
   starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
   out, prev = [], None

@@ -69,8 +69,10 @@ def test_sharded_step_equals_single_device(impl):
   kernel = sharded.resampler.q_proj.kernel.get_value()
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
 
-  x, n = feats(4, 16, seed=3), jnp.asarray([16, 9, 2, 13], jnp.int32)
-  key, ids = jax.random.key(4), jnp.arange(100, 104, dtype=jnp.int32)
+  # 2 samples per batch shard: with ONE sample per shard, XLA:CPU (jax 0.10.2) computes wrong weight
+  # gradients for [B, T, D] activations on a (2, 2, 2) mesh even for a plain tanh MLP (reported).
+  x, n = feats(8, 16, seed=3), jnp.asarray([16, 9, 2, 13, 5, 16, 11, 3], jnp.int32)
+  key, ids = jax.random.key(4), jnp.arange(100, 108, dtype=jnp.int32)
   graphdef, state_1 = nnx.split(single)
   loss_1, grad_1 = jax.jit(step_fn(graphdef))(state_1, x, n, key, ids)
 
@@ -78,6 +80,7 @@ def test_sharded_step_equals_single_device(impl):
   with jax.set_mesh(mesh):
     xs = jax.device_put(x, sharding.data_sharding(mesh, 4))
     ns = jax.device_put(n, sharding.data_sharding(mesh, 1))
+    assert xs.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, None, None)
     loss_8, grad_8 = jax.jit(step_fn(graphdef))(state_8, xs, ns, key, ids)
   assert len(xs.sharding.device_set) == 8
   assert float(loss_8) == pytest.approx(float(loss_1), rel=1e-5)

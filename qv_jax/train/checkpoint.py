@@ -173,10 +173,10 @@ def load_params(path: str, abstract: dict, model_size: str | None = None) -> dic
   """Restores a whole-model param dict from a checkpoint written by this trainer into `abstract`
   (ShapeDtypeStructs with shardings), after checking every name and shape."""
   params_dir = resolve_params_dir(path)
-  checkpointer = ocp.StandardCheckpointer()
-  meta = checkpointer.metadata(params_dir)
+  handler = ocp.StandardCheckpointHandler()
+  meta = handler.metadata(params_dir)
   check_params_match(params_dir, _tree_metadata(getattr(meta, "item_metadata", meta)), abstract, model_size)
-  return checkpointer.restore(params_dir, abstract)
+  return handler.restore(params_dir, args=ocp.args.StandardRestore(abstract))
 
 
 def saved_step_dirs(workdir: str) -> list[int]:
