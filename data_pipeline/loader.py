@@ -72,6 +72,9 @@ class SampleSettings:
   max_images: int
   max_bucket: int
   normalize_on_host: bool
+  decode_threads: int = 1
+  decode_strategy: str = "auto"
+  min_frames: int = 2
 
 
 class SampleProcessor:
@@ -124,6 +127,7 @@ class SampleProcessor:
       if len(media) != 1:
         raise BadSampleError("bad_conversation", f"a video sample needs 1 media file, has {len(media)}")
       clip = read_video(media[0], num_frames=s.max_frames, fps=s.fps, image_size=s.image_size,
+                        threads=s.decode_threads, strategy=s.decode_strategy, min_frames=s.min_frames,
                         start_sec=_seconds(record["start"]), end_sec=_seconds(record["end"]))
       frames, timestamps = clip.frames, list(clip.timestamps)
       expected_placeholders = len(frames) + 1
@@ -297,7 +301,9 @@ def make_dataset(config, *, split: str = "train", process_index: int = 0, proces
   settings = SampleSettings(
       image_size=int(d.image_size), max_frames=int(d.max_frames), fps=float(d.fps), template=d.template,
       tokenizer_path=tokenizer_path, max_text_len=int(d.max_text_len), max_images=int(d.max_images),
-      max_bucket=int(max(d.frame_buckets)), normalize_on_host=bool(d.normalize_on_host))
+      max_bucket=int(max(d.frame_buckets)), normalize_on_host=bool(d.normalize_on_host),
+      decode_threads=int(d.decode_threads), decode_strategy=str(d.decode_strategy),
+      min_frames=int(d.min_frames))
   collator = collate_lib.Collator(image_size=settings.image_size, max_text_len=settings.max_text_len,
                                   frame_buckets=d.frame_buckets, pad_id=pad_id,
                                   normalize_on_host=settings.normalize_on_host)
