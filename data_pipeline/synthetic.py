@@ -1,11 +1,14 @@
 """Procedural scene videos with known cuts, for the CPU demo and tests.
 
-A video lasts N whole seconds and is cut into scenes at whole seconds. Each scene is a solid background
-(a random grey level) with one moving shape of a named colour; its caption lists the scenes in order,
-"red circle, then blue square, then green triangle.". With 1-fps sampling (SPEC §1.1: the frame from the
-middle of each second) frame f shows the scene that covers second f, so a scene starting at second c starts
-at sampled frame c: the true cube boundaries are the cut seconds. By default a video gets as many scenes as
-Quicksviewer gives it cubes (k + 1 = max(round(N/5) - 1, 1) + 1), so a perfect partition exists.
+A video lasts N whole seconds and is cut at whole seconds into a blank title card (1-3 s) and shape scenes:
+a solid background (a random grey level) with one shape of a named colour that opens big, vivid and centred
+and then shrinks, fades and drifts away (so a scene's first second is its most informative view, as an
+establishing shot is). The caption lists the shape scenes in order, "red circle, then blue square.". With
+1-fps sampling (SPEC §1.1: the frame from the middle of each second) frame f shows the scene that covers
+second f, so a scene starting at second c starts at sampled frame c: the true cube boundaries are the cut
+seconds (the title → first scene cut included). A video has as many segments as Quicksviewer gives it cubes
+(k + 1 = max(round(N/5) - 1, 1) + 1), so a perfect partition exists; segment lengths are uniformly random
+compositions of N, so the uniform partition is a poor guess.
 
     write_dataset(out_dir, num_videos=200, seed=0)   # videos/*.mp4, train.jsonl, truth.json
 
@@ -31,16 +34,20 @@ QUESTION = "Describe the scenes in order."
 
 @dataclasses.dataclass
 class Scene:
-  colour: str
-  shape: str
+  colour: str         # "" for the title card
+  shape: str          # "" for the title card
   start: int          # first second (= first sampled frame)
   end: int            # one past the last second
   background: int     # grey level
-  size: float         # shape radius as a fraction of the frame
-  x0: float           # start and end centre (fractions of the frame)
+  size: float         # shape radius at the scene's start, as a fraction of the frame
+  x0: float           # centre at the start (fractions of the frame); it drifts to (x1, y1)
   y0: float
   x1: float
   y1: float
+
+  @property
+  def is_title(self) -> bool:
+    return not self.shape
 
 
 @dataclasses.dataclass
@@ -56,46 +63,64 @@ class SceneVideo:
 
   @property
   def caption(self) -> str:
-    return ", then ".join(f"{s.colour} {s.shape}" for s in self.scenes) + "."
+    return ", then ".join(f"{s.colour} {s.shape}" for s in self.scenes if not s.is_title) + "."
 
 
 def num_cubes(num_frames: int, frames_per_cube: int = 5) -> int:
   return max(round(num_frames / frames_per_cube) - 1, 1) + 1
 
 
+def _composition(rng, total: int, parts: int, minimum: int) -> np.ndarray:
+  """`parts` lengths >= minimum summing to `total`, uniformly over all such compositions (stars and
+  bars), so lengths vary widely and the uniform partition is not a good guess of the cuts."""
+  slack = total - parts * minimum
+  bars = np.sort(rng.choice(slack + parts - 1, size=parts - 1, replace=False))
+  return minimum + np.diff(np.concatenate([[-1], bars, [slack + parts - 1]])) - 1
+
+
 def random_video(rng: np.random.Generator, video_id: str, *, min_seconds: int = 12, max_seconds: int = 16,
-                 min_scene: int = 2, scenes: int | None = None, frames_per_cube: int = 5) -> SceneVideo:
-  """A random scene schedule: consecutive scenes differ in colour and shape."""
+                 min_scene: int = 2, title_seconds: tuple[int, int] = (1, 3), scenes: int | None = None,
+                 frames_per_cube: int = 5) -> SceneVideo:
+  """A random schedule: a blank title card (`title_seconds`, (0, 0) for none), then shape scenes; the
+  segments number k + 1 (the video's cube count) unless `scenes` is given. Consecutive scenes differ
+  in colour and shape."""
   seconds = int(rng.integers(min_seconds, max_seconds + 1))
   count = scenes or num_cubes(seconds, frames_per_cube)
-  count = min(count, seconds // min_scene)
-  slack = seconds - count * min_scene
-  # A uniformly random composition of the slack (stars and bars): scene lengths vary widely, so the
-  # uniform partition is not a good guess of the cuts.
-  bars = np.sort(rng.choice(slack + count - 1, size=count - 1, replace=False))
-  extra = np.diff(np.concatenate([[-1], bars, [slack + count - 1]])) - 1
-  lengths = min_scene + extra
-  starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-  out, prev = [], None
+  title = int(rng.integers(title_seconds[0], title_seconds[1] + 1)) if title_seconds[1] > 0 else 0
+  shape_scenes = count - 1 if title else count
+  shape_scenes = max(1, min(shape_scenes, (seconds - title) // min_scene))
+  lengths = _composition(rng, seconds - title, shape_scenes, min_scene)
+  starts = title + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+  out = []
+  if title:
+    out.append(Scene("", "", 0, title, int(rng.integers(60, 200)), 0.0, 0.5, 0.5, 0.5, 0.5))
+  prev = None
   names = list(COLOURS)
   for start, length in zip(starts, lengths):
     while True:
       colour, shape = names[rng.integers(len(names))], SHAPES[rng.integers(len(SHAPES))]
       if prev is None or (colour != prev.colour and shape != prev.shape):
         break
-    x0, y0, x1, y1 = rng.uniform(0.3, 0.7, size=4)
+    x0, y0 = rng.uniform(0.4, 0.6, size=2)
+    x1, y1 = rng.choice([0.15, 0.85], size=2)
     prev = Scene(colour, shape, int(start), int(start + length), int(rng.integers(0, 90)),
-                 float(rng.uniform(0.2, 0.3)), x0, y0, x1, y1)
+                 float(rng.uniform(0.28, 0.34)), x0, y0, x1, y1)
     out.append(prev)
   return SceneVideo(video_id, seconds, out)
 
 
-def render_frame(scene: Scene, t: float, size: int) -> np.ndarray:
-  """uint8 [size, size, 3] of `scene` at fraction t ∈ [0, 1] of its duration."""
-  img = np.full((size, size, 3), scene.background, np.uint8)
-  cx = (scene.x0 + (scene.x1 - scene.x0) * t) * size
-  cy = (scene.y0 + (scene.y1 - scene.y0) * t) * size
-  r = scene.size * size
+def render_frame(scene: Scene, seconds_in: float, size: int) -> np.ndarray:
+  """uint8 [size, size, 3] of `scene` `seconds_in` seconds after it starts. A shape opens big, vivid and
+  centred (an establishing view) and, over the next seconds, shrinks, fades into the background and
+  drifts to a corner, so a scene's first second shows it best."""
+  img = np.full((size, size, 3), scene.background, np.float32)
+  if scene.is_title:
+    return img.astype(np.uint8)
+  fade = min(seconds_in / 2.5, 1.0)
+  cx = (scene.x0 + (scene.x1 - scene.x0) * fade) * size
+  cy = (scene.y0 + (scene.y1 - scene.y0) * fade) * size
+  r = scene.size * (1.0 - 0.6 * fade) * size
+  alpha = 1.0 - 0.7 * fade
   yy, xx = np.mgrid[0:size, 0:size] + 0.5
   if scene.shape == "circle":
     inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
@@ -103,8 +128,8 @@ def render_frame(scene: Scene, t: float, size: int) -> np.ndarray:
     inside = (np.abs(xx - cx) <= r * 0.85) & (np.abs(yy - cy) <= r * 0.85)
   else:
     inside = (yy >= cy - r) & (yy <= cy + r * 0.8) & (np.abs(xx - cx) <= (yy - (cy - r)) * 0.6)
-  img[inside] = COLOURS[scene.colour]
-  return img
+  img[inside] = alpha * np.asarray(COLOURS[scene.colour], np.float32) + (1 - alpha) * scene.background
+  return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def encode_video(video: SceneVideo, path: str, *, size: int = 112, fps: int = 4, codec: str = "libx264"):
@@ -119,8 +144,7 @@ def encode_video(video: SceneVideo, path: str, *, size: int = 112, fps: int = 4,
     for i in range(video.seconds * fps):
       second = i / fps
       scene = next(s for s in video.scenes if s.start <= second < s.end)
-      t = (second - scene.start) / max(scene.end - scene.start, 1e-9)
-      frame = av.VideoFrame.from_ndarray(render_frame(scene, t, size), format="rgb24")
+      frame = av.VideoFrame.from_ndarray(render_frame(scene, second - scene.start, size), format="rgb24")
       for packet in stream.encode(frame):
         container.mux(packet)
     for packet in stream.encode():
@@ -155,16 +179,3 @@ def write_dataset(out_dir: str, *, num_videos: int, seed: int = 0, split: str = 
   with open(truth_path, "w") as f:
     json.dump(truth, f)
   return {"jsonl": jsonl, "media_root": out_dir, "truth": truth_path, "captions": captions}
-
-
-def boundary_scores(predicted: list[int], true: list[int], tolerance: int = 1) -> tuple[int, int, int]:
-  """(true positives, predicted count, true count) for inner boundaries with a ±tolerance-frame match;
-  each true cut matches at most one prediction (greedy, nearest first)."""
-  unused = sorted(true)
-  tp = 0
-  for p in sorted(predicted):
-    best = min(unused, key=lambda c: abs(c - p), default=None)
-    if best is not None and abs(best - p) <= tolerance:
-      tp += 1
-      unused.remove(best)
-  return tp, len(predicted), len(true)

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 from configs.quicksviewer import get_config
 from qv_jax.model import gumbel
 from qv_jax.model.compressor import Compressor, gumbel_noise_weight, max_cubes, num_cubes
-from qv_jax.model.cubing import Cubing, aux_norm_loss, momentum, thumbnail_features
+from qv_jax.model.cubing import Cubing, aux_norm_loss, momentum, pool_tokens, thumbnail_features
 
 F = 16        # frame bucket of these tests (tiny config: P = 36, Dv = 32, D = 64)
 
@@ -245,11 +245,13 @@ def test_gradient_reaches_cubing_only_through_thumbnail_and_aux():
 def test_thumbnail_is_mean_of_boundary_frames_pooled_by_nine():
   v = np.random.default_rng(2).normal(size=(2, 5, 18, 3)).astype(np.float32)
   w = np.array([[1, 0, 1, 0, 1], [1, 1, 0, 0, 0]], np.float32)
-  got = np.asarray(thumbnail_features(jnp.asarray(v), jnp.asarray(w), 9))
+  pooled = pool_tokens(jnp.asarray(v), 9)
+  np.testing.assert_allclose(np.asarray(pooled), v.reshape(2, 5, 2, 9, 3).mean(3), rtol=1e-6)
+  got = np.asarray(thumbnail_features(pooled, jnp.asarray(w)))
   mean = (v * w[:, :, None, None]).sum(1) / w.sum(1)[:, None, None]
   np.testing.assert_allclose(got, mean.reshape(2, 2, 9, 3).mean(2), rtol=1e-6)
   # the weight sum is a constant for the gradient: ∂T/∂w_t = pool(V_t) / S
-  g = jax.grad(lambda w: thumbnail_features(jnp.asarray(v), w, 9)[0, 0, 0])(jnp.asarray(w))
+  g = jax.grad(lambda w: thumbnail_features(pooled, w)[0, 0, 0])(jnp.asarray(w))
   np.testing.assert_allclose(np.asarray(g[0]), v[0, :, :9, 0].mean(1) / 3, rtol=1e-5)
 
 

@@ -30,7 +30,7 @@ from flax import nnx
 from qv_jax.config.model import validate_compressor
 from qv_jax.layers import Dense
 from qv_jax.model import gumbel
-from qv_jax.model.cubing import Cubing, aux_norm_loss, cube_partition, thumbnail_features
+from qv_jax.model.cubing import Cubing, aux_norm_loss, cube_partition, pool_tokens, thumbnail_features
 from qv_jax.model.gumbel import gumbel_noise_weight, max_cubes, num_cubes
 from qv_jax.model.resampler import Resampler
 from qv_jax.sharding import constrain
@@ -171,10 +171,11 @@ class Compressor(nnx.Module):
     kmax = max_cubes(f, s.frames_per_cube)
     n = jnp.clip(jnp.asarray(num_frames, jnp.int32), 2, f)
     frame_valid = jnp.arange(f)[None, :] < n[:, None]
-    x = jnp.where(frame_valid[:, :, None, None], features, 0).astype(self.dtype)
-    x = constrain(x, ("batch", "frames", "tokens", "vision_embed"))
-
-    logits = self.cubing(jnp.mean(x, axis=2, dtype=jnp.float32))            # [B, F-1, 2]
+    x = constrain(features.astype(self.dtype), ("batch", "frames", "tokens", "vision_embed"))
+    # padded frames are masked where they are read (here and per chunk in the resampler), so no
+    # masked copy of the features is made and non-finite padding cannot leak
+    pooled = jnp.where(frame_valid[:, :, None, None], pool_tokens(x, s.thumbnail_pool), 0.0)
+    logits = self.cubing(pooled.mean(axis=2))                                 # [B, F-1, 2]
     logit_mask = jnp.arange(f - 1)[None, :] < (n - 1)[:, None]
     inner = gumbel.inner_boundaries(n, s.frames_per_cube)
     if s.partition == "gumbel":
@@ -192,7 +193,7 @@ class Compressor(nnx.Module):
     hard_boundary = jnp.concatenate([jnp.ones((b, 1), hard.dtype), hard], axis=1)
     cube_ids, cube_mask, cube_start = cube_partition(hard_boundary, n, kmax)
 
-    thumb = thumbnail_features(x, boundary, s.thumbnail_pool)
+    thumb = thumbnail_features(pooled, boundary)
     thumbnail = self.thumbnail(thumb.astype(self.dtype))
     tokens = self.resampler(x, cube_ids, frame_valid, num_cubes=kmax)
     tokens = jnp.where(cube_mask[:, :, None, None], tokens, 0).astype(self.dtype)

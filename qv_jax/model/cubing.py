@@ -76,15 +76,18 @@ def cube_partition(boundary: jax.Array, num_frames: jax.Array, max_cubes: int
   return cube_ids.astype(jnp.int32), cube_mask, cube_start
 
 
-def thumbnail_features(features: jax.Array, weights: jax.Array, pool: int) -> jax.Array:
-  """Σ_t w_t·V_t / sg(Σ_t w_t), then the mean of each `pool` consecutive raster tokens.
+def pool_tokens(features: jax.Array, pool: int) -> jax.Array:
+  """[B, F, P, Dv] -> [B, F, P/pool, Dv] fp32: the mean of each `pool` consecutive raster tokens (the
+  reference's AvgPool2d((9, 1)); also what the frame means and the thumbnail are computed from)."""
+  b, f, p, dv = features.shape
+  return features.reshape(b, f, p // pool, pool, dv).mean(axis=3, dtype=jnp.float32)
 
-  features [B, F, P, Dv] (padded frames zero), weights [B, F] (ẑ) -> [B, P/pool, Dv] fp32."""
-  b, _, p, dv = features.shape
+
+def thumbnail_features(pooled: jax.Array, weights: jax.Array) -> jax.Array:
+  """Σ_t w_t·pool(V_t) / sg(Σ_t w_t): pooled [B, F, P/9, Dv] (padded frames zero), weights [B, F] (ẑ)
+  -> [B, P/9, Dv] fp32. (Pooling and the frame sum commute; pooling first reads V once.)"""
   total = jax.lax.stop_gradient(weights.sum(axis=1))
-  mean = jnp.einsum("bf,bfpd->bpd", weights.astype(features.dtype), features,
-                    preferred_element_type=jnp.float32) / total[:, None, None]
-  return mean.reshape(b, p // pool, pool, dv).mean(axis=2)
+  return jnp.einsum("bf,bfpd->bpd", weights.astype(jnp.float32), pooled) / total[:, None, None]
 
 
 def aux_norm_loss(logits: jax.Array, row_mask: jax.Array) -> jax.Array:

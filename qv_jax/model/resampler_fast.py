@@ -51,9 +51,10 @@ def _set_rows(a, i, v):
 def _chunk(x, e_time, cube_ids, frame_valid, i, cf, num_cubes):
   frames = x.shape[1]
   start = jnp.minimum(i * cf, frames - cf)
-  xc = lax.dynamic_slice_in_dim(x, start, cf, axis=1)
+  valid = lax.dynamic_slice_in_dim(frame_valid, start, cf, axis=1)
+  xc = jnp.where(valid[:, :, None, None], lax.dynamic_slice_in_dim(x, start, cf, axis=1), 0)
   fresh = (start + jnp.arange(cf)) >= i * cf          # the last chunk overlaps the previous one
-  use = lax.dynamic_slice_in_dim(frame_valid, start, cf, axis=1) & fresh[None, :]
+  use = valid & fresh[None, :]
   cid = jnp.clip(lax.dynamic_slice_in_dim(cube_ids, start, cf, axis=1), 0, num_cubes - 1)
   et = lax.dynamic_slice_in_dim(e_time, start, cf, axis=0)
   return start, xc, use, cid, et
@@ -63,7 +64,8 @@ def _scores(xc, ag, et, e_space, eps, hq):
   """Scores s [B, cf, P, HQ] fp32, raw x·Ã, x·G [B, cf, P, Dv] and 1/σ [B, cf, P]."""
   z = jnp.einsum("bfpv,vk->bfpk", xc, ag, preferred_element_type=jnp.float32)
   raw, xg = z[..., :hq], z[..., hq:]
-  inv_sigma = lax.rsqrt(jnp.sum(xg * xc.astype(jnp.float32), axis=-1) + eps)
+  # row dot products as einsums: XLA:CPU runs multiply+reduce fusions far slower than dots
+  inv_sigma = lax.rsqrt(jnp.einsum("bfpv,bfpv->bfp", xg, xc.astype(jnp.float32)) + eps)
   s = raw * inv_sigma[..., None] + et[None, :, None, :] + e_space[None, None]
   return s, raw, xg, inv_sigma
 
@@ -141,7 +143,7 @@ def _segment_attention_bwd(num_cubes, cf, eps, save_scores, res, dy):
   hq = a.shape[1]
   ag = jnp.concatenate([a, g], axis=1)
   dy = dy.astype(jnp.float32)
-  delta = jnp.sum(dy * y, axis=-1)                                           # [B, K, HQ]
+  delta = jnp.einsum("bkhv,bkhv->bkh", dy, y)                                # [B, K, HQ]
 
   def chunk(i, carry):
     dx, dag, de_time, de_space = carry
@@ -158,14 +160,15 @@ def _segment_attention_bwd(num_cubes, cf, eps, save_scores, res, dy):
     dp = jnp.einsum("bfpv,bfhv->bfph", xc, dyf, preferred_element_type=jnp.float32)
     dp = dp * inv_sigma[..., None]
     ds = p * (dp - _rows(delta, cid)[:, :, None])
-    dsigma = -(jnp.sum(ds * (s - bias), -1) + jnp.sum(p * dp, -1)) * inv_sigma
+    dsigma = -(jnp.einsum("bfph,bfph->bfp", ds, s - bias)
+               + jnp.einsum("bfph,bfph->bfp", p, dp)) * inv_sigma
     ds_raw = ds * inv_sigma[..., None]
     rhs = jnp.concatenate([ds_raw, xc * (0.5 * dsigma * inv_sigma)[..., None]], axis=-1)
     dag = dag + jnp.einsum("bfpv,bfpk->vk", xc, rhs.astype(x.dtype), preferred_element_type=jnp.float32)
     ds_frame = ds.sum(axis=(0, 2))
     de_time = lax.dynamic_update_slice_in_dim(
         de_time, lax.dynamic_slice_in_dim(de_time, start, cf, 0) + ds_frame, start, 0)
-    de_space = de_space + ds.sum(axis=(0, 1))
+    de_space = de_space + ds                                   # reduced over (B, cf) after the loop
     dxc = (jnp.einsum("bfph,vh->bfpv", ds_raw.astype(x.dtype), a, preferred_element_type=jnp.float32)
            + jnp.einsum("bfph,bfhv->bfpv", (p * inv_sigma[..., None]).astype(x.dtype), dyf,
                         preferred_element_type=jnp.float32)
@@ -175,8 +178,9 @@ def _segment_attention_bwd(num_cubes, cf, eps, save_scores, res, dy):
     return dx, dag, de_time, de_space
 
   init = (jnp.zeros_like(x), jnp.zeros((dv, hq + dv), jnp.float32),
-          jnp.zeros((frames, hq), jnp.float32), jnp.zeros((tokens, hq), jnp.float32))
+          jnp.zeros((frames, hq), jnp.float32), jnp.zeros((x.shape[0], cf, tokens, hq), jnp.float32))
   dx, dag, de_time, de_space = lax.fori_loop(0, -(-frames // cf), chunk, init)
+  de_space = de_space.sum(axis=(0, 1))
   return (dx, dag[:, :hq].astype(a.dtype), dag[:, hq:].astype(g.dtype),
           de_time.astype(e_time.dtype), de_space.astype(e_space.dtype), None, None)
 

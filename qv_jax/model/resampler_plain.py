@@ -44,7 +44,8 @@ def attend_plain(w, x: jax.Array, cube_ids: jax.Array, frame_valid: jax.Array,
   b, f, p, _ = x.shape
   d = w.wkv.shape[1]
   h, dh = num_heads, d // num_heads
-  kv = jnp.einsum("bfpv,vd->bfpd", x.astype(dtype), w.wkv.astype(dtype))
+  x = jnp.where(frame_valid[:, :, None, None], x, 0).astype(dtype)
+  kv = jnp.einsum("bfpv,vd->bfpd", x, w.wkv.astype(dtype))
   kv = layer_norm(kv, w.ln_kv_scale, w.ln_kv_bias, eps)
   pos = sincos_3d(d, frame_positions, grid_size, temperature).astype(dtype)
   keys = jnp.einsum("bfpd,de->bfpe", kv + pos, w.wk.astype(dtype)) + w.bk.astype(dtype)

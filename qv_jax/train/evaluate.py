@@ -91,6 +91,7 @@ def evaluate(config, workdir: str, jsonl: str, truth: dict[str, Any], *, tokeniz
   fpq = int(config.model.compressor.frames_per_cube)
   eval_config = config.copy_and_resolve_references()
   eval_config.data.drop_remainder = False
+  eval_config.data.num_workers = 0
 
   @jax.jit
   def prepare(state, batch):
