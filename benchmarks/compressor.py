@@ -22,7 +22,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import CompileCounter, device_info, emit, flops, matmul_peak, memory, time_call  # noqa: E402
+from benchmarks.common import (CompileCounter, device_info, emit, flops, matmul_peak,  # noqa: E402
+                               memory, time_call)
 from configs.quicksviewer import get_config  # noqa: E402
 from qv_jax.model.compressor import Compressor, max_cubes  # noqa: E402
 from qv_jax.model.resampler_fast import fast_flops  # noqa: E402

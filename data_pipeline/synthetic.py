@@ -30,6 +30,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 QUESTION = "Describe the scenes in order."
+FADE_SECONDS = 4.0      # a shape shrinks, fades and drifts over its scene's first seconds
 
 
 @dataclasses.dataclass
@@ -116,11 +117,11 @@ def render_frame(scene: Scene, seconds_in: float, size: int) -> np.ndarray:
   img = np.full((size, size, 3), scene.background, np.float32)
   if scene.is_title:
     return img.astype(np.uint8)
-  fade = min(seconds_in / 2.5, 1.0)
+  fade = min(seconds_in / FADE_SECONDS, 1.0)
   cx = (scene.x0 + (scene.x1 - scene.x0) * fade) * size
   cy = (scene.y0 + (scene.y1 - scene.y0) * fade) * size
-  r = scene.size * (1.0 - 0.6 * fade) * size
-  alpha = 1.0 - 0.7 * fade
+  r = scene.size * (1.0 - 0.55 * fade) * size
+  alpha = 1.0 - 0.65 * fade
   yy, xx = np.mgrid[0:size, 0:size] + 0.5
   if scene.shape == "circle":
     inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r

@@ -115,10 +115,10 @@ def plot_boundaries(videos: list[dict], path: str) -> None:
   fig, axes = plt.subplots(len(videos), 1, figsize=(10, 1.25 * len(videos) + 0.6), squeeze=False)
   for ax, v in zip(axes[:, 0], videos):
     for scene in v["scenes"]:
-      rgb = [c / 255 for c in COLOURS[scene["colour"]]]
+      rgb = [c / 255 for c in COLOURS[scene["colour"]]] if scene["colour"] else (0.85, 0.85, 0.85)
       ax.axvspan(scene["start"], min(scene["end"], v["num_frames"]), color=rgb, alpha=0.55, lw=0)
-      ax.text((scene["start"] + min(scene["end"], v["num_frames"])) / 2, 0.5, scene["shape"], ha="center",
-              va="center", fontsize=8)
+      ax.text((scene["start"] + min(scene["end"], v["num_frames"])) / 2, 0.5, scene["shape"] or "title",
+              ha="center", va="center", fontsize=8)
     for f in v["learned"][1:]:
       ax.axvline(f, color="black", lw=2.5, ymin=0.5, ymax=1.0)
     for f in v["uniform"][1:]:

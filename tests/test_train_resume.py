@@ -73,3 +73,35 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(tmp_path):
   assert after.start_step == killed_at
   reference = _run(tmp_path / "reference", total_steps=total, stop_at=killed_at + 2)
   assert {**before, **after.losses} == reference.losses
+
+
+@pytest.fixture(scope="module")
+def scene_dataset(tmp_path_factory):
+  """A small TFDS dataset of procedural scene videos and its tokenizer."""
+  from data_pipeline import synthetic
+  from data_pipeline.tfds_builder import build_dataset
+  from data_pipeline.tokenizer import build_tiny_tokenizer
+  root = tmp_path_factory.mktemp("scenes")
+  made = synthetic.write_dataset(str(root / "data"), num_videos=12, seed=3)
+  tokenizer = build_tiny_tokenizer(made["captions"] + [synthetic.QUESTION, "0123456789."],
+                                   str(root / "tokenizer.json"), vocab_size=300)
+  build_dataset(jsonl=made["jsonl"], media_root=made["media_root"], data_dir=str(root / "tfds"), name="scenes")
+  return str(root / "tfds"), tokenizer
+
+
+def test_resume_with_the_grain_loader_matches_uninterrupted(tmp_path, scene_dataset):
+  tfds_dir, tokenizer = scene_dataset
+
+  def run(workdir, **kw):
+    c = tiny_config(1, total_steps=5, **kw)
+    c.data.dataset_name, c.data.dataset_dir, c.data.tokenizer_path = "scenes", tfds_dir, tokenizer
+    c.data.num_workers = 0
+    return train(c, workdir=str(workdir), devices=[jax.devices()[0]])
+
+  full = run(tmp_path / "full")
+  first = run(tmp_path / "split", stop_at=2)
+  second = run(tmp_path / "split")
+  assert second.start_step == 2
+  assert {**first.losses, **second.losses} == full.losses
+  state = json.loads((tmp_path / "split" / "checkpoints" / "2" / "data" / "process_0-of-1.json").read_text())
+  assert "pipeline" in state["json"] and "skips" in state["json"]     # the loader's own iterator state

@@ -4,8 +4,8 @@
 `CompressorOutput` with static shapes for the bucket F: Kmax = max_cubes(F) cube slots, of which the
 first k_b + 1 are real. Param tree (paths under `compressor/` in the whole model):
 
-  cubing/agg/{kernel [Dv,Dv], bias}        cubing/norm/{scale, bias}          (reference cubing.agg_frame_fn.0,
-  cubing/fc1/{kernel [Dv,Dv], bias}        cubing/fc2/{kernel [Dv,2], bias}    proj_fn.0/1/3)
+  cubing/agg/{kernel [Dv,Dv], bias}      cubing/norm/{scale, bias}     (reference cubing.agg_frame_fn.0,
+  cubing/fc1/{kernel [Dv,Dv], bias}      cubing/fc2/{kernel [Dv,2], bias [2]}       proj_fn.0/1/3)
   thumbnail/{kernel [Dv, D], bias [D]}                                         (cubing.thumbnail_fn.1)
   resampler/query [Q, D]                   resampler/kv_proj/kernel [Dv, D]    (vision_resampler.*)
   resampler/{ln_q, ln_kv, ln_post}/{scale, bias} [D]
@@ -159,7 +159,8 @@ class Compressor(nnx.Module):
       raise ValueError(f"num_frames: expected shape ({b},), got {np.shape(num_frames)}")
     if sample_ids is not None and np.shape(sample_ids) != (b,):
       raise ValueError(f"sample_ids: expected shape ({b},), got {np.shape(sample_ids)}")
-    if _is_concrete(features, num_frames, key, noise_weight, sample_ids, *jax.tree.leaves(nnx.state(self))):
+    params = jax.tree.leaves(nnx.state(self))
+    if _is_concrete(features, num_frames, key, noise_weight, sample_ids, *params):
       check_inputs(features, num_frames, s)
       return _compress_jit(self, features, num_frames, key, noise_weight, sample_ids)
     return self.compress(features, num_frames, key, noise_weight, sample_ids)

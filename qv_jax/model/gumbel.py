@@ -37,8 +37,8 @@ def max_cubes(frame_bucket: int, frames_per_cube: int = 5) -> int:
 
 def gumbel_noise_weight(step, total_steps, eta_max: float = 1.0, eta_min: float = 0.01,
                         fraction: float = 0.6):
-  """η(step) = η_min + (η_max - η_min)·(1 + cos(π·step / M)) / 2 for step ≤ M = fraction·total_steps,
-  η_min after (DESIGN.md; the reference's CosineAnnealer with base 1.0, final 0.01). fp32 scalar."""
+  """η(step) = η_min + (η_max - η_min)·(1 + cos(π·step / M)) / 2 for step ≤ M,
+  M = fraction·total_steps, and η_min after (DESIGN.md; the reference's CosineAnnealer with base 1.0, final 0.01). fp32 scalar."""
   horizon = max(float(fraction) * float(total_steps), 1e-9)
   step = jnp.asarray(step, jnp.float32)
   cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(step, horizon) / horizon))

@@ -11,8 +11,9 @@ q̃_hj = W_k,h q_hj / √d_h and γ, β the LN_kv scale and bias:
 and the position term splits into a per-frame [F, HQ] and a per-token [P, HQ] table. Per token this is
 one [Dv, HQ+Dv] matmul (scores and σ) and one [HQ, Dv] weighted sum, about 5 M multiply-adds at the
 released size instead of ~30 M, and no [tokens, D] activation exists. `segment_attention` runs it over
-chunks of frames with an online (max, sum) per cube and has a flash-attention style custom VJP that
-recomputes the scores chunk by chunk, so memory stays O(F·P·Dv + K·HQ·Dv).
+chunks of frames with an online (max, sum) per cube and has a flash-attention style custom VJP: the
+backward either reads the fp32 scores saved by the forward (`save_scores`, O(F·P·HQ) memory) or
+recomputes them chunk by chunk (O(F·P·Dv + K·HQ·Dv) memory, a quarter more FLOPs).
 """
 
 from __future__ import annotations
