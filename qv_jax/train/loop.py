@@ -19,16 +19,14 @@ import math
 import os
 import signal
 import threading
-import time
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
 from qv_jax.batch import BATCH_KEYS, MODALITY_IMAGE, MODALITY_VIDEO
-from qv_jax.config import ConfigError, require, validate
+from qv_jax.config import require, validate
 from qv_jax.config.train import validate_train_against
 from qv_jax.sharding import axis_rules, data_sharding, make_mesh
 from qv_jax.train import checkpoint as ckpt
@@ -153,18 +151,16 @@ def _restore_or_init(config, mesh, rules, checkpointer: ckpt.Checkpointer, data_
   if latest is not None:
     state, spec = _restore(config, mesh, rules, checkpointer, latest, data_iter)
     log.info("resumed from %s at step %d", checkpointer.directory, latest)
-    return state, spec, True
+    return state, spec
   loader = None
   if config.train.init_from:
     init_from = config.train.init_from
     loader = lambda abstract: ckpt.load_params(init_from, abstract, config.model.size)  # noqa: E731
-  state, spec = create_train_state(config, mesh, rules, params_loader=loader)
-  return state, spec, False
+  return create_train_state(config, mesh, rules, params_loader=loader)
 
 
 def _restore(config, mesh, rules, checkpointer, step, data_iter):
   abstract, spec = train_state_spec(config, mesh, rules)
-  rep = spec.shardings.step
   abs_meta = {"step": abstract.step, "rng": abstract.rng}
   params, opt_state, meta, data_state = checkpointer.restore(
       step, params=merge_trees(abstract.params, abstract.frozen), opt_state=abstract.opt_state,
@@ -172,7 +168,6 @@ def _restore(config, mesh, rules, checkpointer, step, data_iter):
   trainable, frozen = split_tree(params, abstract.params)
   if data_iter is not None and data_state is not None:
     data_iter.set_state(data_state)
-  del rep
   return TrainState(step=meta["step"], params=trainable, frozen=frozen, opt_state=opt_state,
                     rng=meta["rng"]), spec
 
@@ -201,7 +196,7 @@ def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = N
   writer = None
   try:
     with jax.set_mesh(mesh), axis_rules(rules):
-      state, spec, resumed = _restore_or_init(config, mesh, rules, checkpointer, data_iter)
+      state, spec = _restore_or_init(config, mesh, rules, checkpointer, data_iter)
       start = int(jax.device_get(state.step))
       step_fn = make_train_step(spec.graphdef, config, spec.tx)
       compiled: dict[tuple, Any] = {}
