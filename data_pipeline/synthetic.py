@@ -30,7 +30,8 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 QUESTION = "Describe the scenes in order."
-FADE_SECONDS = 4.0      # a shape shrinks, fades and drifts over its scene's first seconds
+FADE_JUMP = 0.75        # after its first second a shape is 75 % faded, shrunk and drifted ...
+FADE_SECONDS = 4.0      # ... and the rest over the next 4 s
 
 
 @dataclasses.dataclass
@@ -112,12 +113,12 @@ def random_video(rng: np.random.Generator, video_id: str, *, min_seconds: int = 
 
 def render_frame(scene: Scene, seconds_in: float, size: int) -> np.ndarray:
   """uint8 [size, size, 3] of `scene` `seconds_in` seconds after it starts. A shape opens big, vivid and
-  centred (an establishing view) and, over the next seconds, shrinks, fades into the background and
-  drifts to a corner, so a scene's first second shows it best."""
+  centred for one second (an establishing view), then is mostly shrunk, faded into the background and
+  drifted to a corner, and slowly finishes doing so: a scene's first second shows it best."""
   img = np.full((size, size, 3), scene.background, np.float32)
   if scene.is_title:
     return img.astype(np.uint8)
-  fade = min(seconds_in / FADE_SECONDS, 1.0)
+  fade = 0.0 if seconds_in < 1.0 else FADE_JUMP + (1 - FADE_JUMP) * min((seconds_in - 1.0) / FADE_SECONDS, 1.0)
   cx = (scene.x0 + (scene.x1 - scene.x0) * fade) * size
   cy = (scene.y0 + (scene.y1 - scene.y0) * fade) * size
   r = scene.size * (1.0 - 0.55 * fade) * size

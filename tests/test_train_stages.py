@@ -144,3 +144,29 @@ def test_noise_weight_matches_the_compressor_schedule():
   assert float(noise_weight(800, c.train)) == pytest.approx(0.01)
   sched = learning_rate_schedule(c.train)
   assert float(sched(0)) == 0.0 and float(sched(20)) == pytest.approx(c.train.learning_rate)
+
+
+def test_stage1_from_a_converted_release_keeps_a_fresh_compressor(tmp_path):
+  """`train.init_from` may name a `qv-convert` output holding SigLIP and the LLM only (the reference's
+  stage 1: a new resampler and cubing network on pretrained parts)."""
+  from qv_jax.convert.writer import ParamWriter, flatten, write_metadata
+  c = _config(1)
+  reference, _ = _initial(_config(1, seed=7))                   # "pretrained" weights: another seed
+  writer = ParamWriter(str(tmp_path / "converted"))
+  stored = {p: np.asarray(v) for p, v in flatten(reference).items() if not p.startswith("compressor/")}
+  for p, v in stored.items():
+    writer.add(p, v)
+  writer.finalize()
+  write_metadata(str(tmp_path / "converted"), c, {"params": {p: [list(v.shape), str(v.dtype)]
+                                                           for p, v in stored.items()}})
+  assert ckpt.is_converted(str(tmp_path / "converted"))
+  fresh, _ = _initial(c)
+  mesh = make_mesh(c.mesh, [jax.devices()[0]])
+  with jax.set_mesh(mesh), axis_rules(c.sharding_rules):
+    state, _ = create_train_state(c, mesh, partial=True, params_loader=lambda a: ckpt.load_converted_params(
+        str(tmp_path / "converted"), a))
+    got = flatten(jax.device_get(full_params(state)))
+  for p, v in got.items():
+    want = stored[p] if p in stored else flatten(fresh)[p]
+    np.testing.assert_array_equal(v, want, err_msg=p)
+  assert any(p.startswith("compressor/") for p in got) and not any(p.startswith("compressor/") for p in stored)

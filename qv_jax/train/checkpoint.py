@@ -179,6 +179,20 @@ def load_params(path: str, abstract: dict, model_size: str | None = None) -> dic
   return handler.restore(params_dir, args=ocp.args.StandardRestore(abstract))
 
 
+def is_converted(path: str) -> bool:
+  """A `qv-convert` output directory (params/ + config.json + conversion.json)."""
+  return os.path.isfile(os.path.join(path, "conversion.json")) and os.path.isdir(os.path.join(path, "params"))
+
+
+def load_converted_params(path: str, abstract: dict) -> dict:
+  """The params a `qv-convert` output holds (e.g. SigLIP + the LLM for stage 1, whose compressor is new),
+  restored into `abstract`'s dtypes and shardings; names and shapes are checked (MappingError lists them)."""
+  from flax import nnx
+  from qv_jax.convert.writer import load_converted
+  _, state = load_converted(path, abstract)
+  return nnx.to_pure_dict(state) if isinstance(state, nnx.State) else dict(state)
+
+
 def saved_step_dirs(workdir: str) -> list[int]:
   d = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(d):

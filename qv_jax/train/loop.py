@@ -152,11 +152,18 @@ def _restore_or_init(config, mesh, rules, checkpointer: ckpt.Checkpointer, data_
     state, spec = _restore(config, mesh, rules, checkpointer, latest, data_iter)
     log.info("resumed from %s at step %d", checkpointer.directory, latest)
     return state, spec
-  loader = None
-  if config.train.init_from:
-    init_from = config.train.init_from
-    loader = lambda abstract: ckpt.load_params(init_from, abstract, config.model.size)  # noqa: E731
-  return create_train_state(config, mesh, rules, params_loader=loader)
+  init_from = config.train.init_from
+  if init_from and ckpt.is_converted(init_from):
+    # A converted release (qv-convert): its params replace the fresh ones, the rest stays new.
+    log.info("initialising from the converted checkpoint %s", init_from)
+    return create_train_state(config, mesh, rules, partial=True,
+                              params_loader=lambda abstract: ckpt.load_converted_params(init_from, abstract))
+  if init_from:
+    log.info("initialising from the checkpoint %s", init_from)
+    return create_train_state(config, mesh, rules,
+                              params_loader=lambda abstract: ckpt.load_params(init_from, abstract,
+                                                                               config.model.size))
+  return create_train_state(config, mesh, rules)
 
 
 def _restore(config, mesh, rules, checkpointer, step, data_iter):
@@ -285,6 +292,9 @@ def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = N
 
 def enable_compilation_cache(directory: str) -> None:
   """Persists compiled executables under `directory`, so a resumed or repeated run skips compiling."""
+  if jax.config.jax_compilation_cache_dir != directory:
+    from jax.experimental.compilation_cache import compilation_cache
+    compilation_cache.reset_cache()     # re-checked at the next compile, also if one already ran
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -55,6 +55,14 @@ def merge_trees(a: dict, b: dict) -> dict:
   return out
 
 
+def replace_leaves(base: dict, update: dict) -> dict:
+  """`base` with the leaves present in `update` replaced (update's paths must exist in base)."""
+  out = dict(base)
+  for k, v in update.items():
+    out[k] = replace_leaves(base[k], v) if isinstance(v, dict) else v
+  return out
+
+
 def split_tree(full: dict, like: dict) -> tuple[dict, dict]:
   """Splits `full` into (the leaves present in `like`, the rest)."""
   inside, outside = {}, {}
@@ -108,17 +116,21 @@ def train_state_spec(config, mesh: Mesh, rules=None) -> tuple[TrainState, StateS
   return abstract, StateSpec(graphdef=graphdef, tx=tx, groups=groups, shardings=shardings, mesh=mesh)
 
 
-def create_train_state(config, mesh: Mesh, rules=None, params_loader: Callable[[dict], dict] | None = None
-                       ) -> tuple[TrainState, StateSpec]:
+def create_train_state(config, mesh: Mesh, rules=None, params_loader: Callable[[dict], dict] | None = None,
+                       partial: bool = False) -> tuple[TrainState, StateSpec]:
   """Builds the model directly into its shardings (or, with `params_loader`, restores it there: the loader
-  gets the abstract full param dict with shardings and returns the arrays), splits it by the stage's groups
-  and initialises the optimizer over the trainable part, sharded like the params."""
+  gets the abstract full param dict with shardings and returns the arrays; with `partial` it may return only
+  some of them, the rest keeping their fresh initialisation), splits it by the stage's groups and
+  initialises the optimizer over the trainable part, sharded like the params."""
   rules = rules if rules is not None else config.sharding_rules
   abstract, spec = train_state_spec(config, mesh, rules)
-  if params_loader is None:
+  if params_loader is None or partial:
     model = create_sharded(model_factory(config), mesh, rules)
     _, params, frozen = split_model(model, spec.groups)
     del model
+    if params_loader is not None:
+      loaded = params_loader(merge_trees(abstract.params, abstract.frozen))
+      params, frozen = split_tree(replace_leaves(merge_trees(params, frozen), loaded), abstract.params)
   else:
     params, frozen = split_tree(params_loader(merge_trees(abstract.params, abstract.frozen)), abstract.params)
   with jax.set_mesh(mesh):
