@@ -101,8 +101,15 @@ def stage_config(args, stage: int, out: str, tfds_dir: str, tokenizer: str):
   t.init_from = os.path.join(out, f"stage{stage - 1}") if stage > 1 else ""
   t.compilation_cache_dir = os.path.join(out, "compile_cache")
   t.progress_bar = sys.stderr.isatty()
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data_parallel_devices(args.batch), 1, 1
   return c
+
+
+def data_parallel_devices(batch: int) -> int:
+  """The most devices (of those present) that split the batch evenly: 1 on a CPU, 8 on a TPU v2-8."""
+  import math
+  import jax
+  return math.gcd(batch, jax.device_count())
 
 
 def plot_boundaries(videos: list[dict], path: str) -> None:
@@ -176,6 +183,7 @@ def main(argv=None) -> int:
   tfds_dir = build_tfds(out, paths)
   times["data_s"] = time.time() - t0
 
+  import jax
   from qv_jax.train.loop import train
   from qv_jax.train.metrics import read_metrics
   stages = []
@@ -184,7 +192,7 @@ def main(argv=None) -> int:
     config = stage_config(args, stage, out, tfds_dir, tokenizer)
     workdir = os.path.join(out, f"stage{stage}")
     logging.info("stage %d: %d steps at lr %g", stage, config.train.total_steps, config.train.learning_rate)
-    summary = train(config, workdir=workdir)
+    summary = train(config, workdir=workdir, devices=jax.devices()[:config.mesh.data])
     records = [r for r in read_metrics(workdir) if "loss" in r]
     stages.append({"stage": stage, "steps": config.train.total_steps, "learning_rate": config.train.learning_rate,
                    "final_loss": records[-1]["loss"] if records else None,

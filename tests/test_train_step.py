@@ -42,12 +42,18 @@ def single():
   return run_steps(_config(), [jax.devices()[0]], 2)
 
 
-def _assert_trees_close(a, b, atol):
+def _assert_trees_close(a, b, steps=2, lr=1e-3):
+  """Adam's first steps move a parameter by about ±lr whatever its gradient's size, so the few elements
+  whose gradients are rounding noise may differ by up to 2·lr per step; all others must agree closely."""
   flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
   flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
+  loose, total = 0, 0
   for path, x in flat_a:
-    np.testing.assert_allclose(np.asarray(x), np.asarray(flat_b[path]), atol=atol, rtol=1e-4,
-                               err_msg=jax.tree_util.keystr(path))
+    diff = np.abs(np.asarray(x) - np.asarray(flat_b[path]))
+    assert diff.max() <= 2 * lr * steps, (jax.tree_util.keystr(path), diff.max())
+    loose += int((diff > 1e-5).sum())
+    total += diff.size
+  assert loose <= 1e-3 * total, (loose, total)
 
 
 def test_sharded_step_equals_single_device(single):
@@ -61,7 +67,7 @@ def test_sharded_step_equals_single_device(single):
       np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, err_msg=k)
     np.testing.assert_array_equal(m8["cube_length_hist"], m1["cube_length_hist"])
   assert metrics_1[1]["loss"] != metrics_1[0]["loss"]
-  _assert_trees_close(params_8, params_1, atol=1e-4)   # Adam: m/√v of near-zero gradients is noisy
+  _assert_trees_close(params_8, params_1)
 
 
 def test_gradient_accumulation_keeps_the_global_token_mean(single):
@@ -73,7 +79,7 @@ def test_gradient_accumulation_keeps_the_global_token_mean(single):
     np.testing.assert_allclose(ma["sample_ce"], m1["sample_ce"], rtol=1e-5)
     np.testing.assert_allclose(ma["loss"], m1["loss"], rtol=1e-5)
     np.testing.assert_allclose(ma["aux"], m1["aux"], rtol=1e-5)
-  _assert_trees_close(params_a, params_1, atol=1e-4)
+  _assert_trees_close(params_a, params_1)
 
 
 def test_synthetic_batches_follow_the_contract_and_restore():

@@ -24,8 +24,10 @@ from qv_jax.train.state import model_factory
 
 
 def load_model(config, workdir: str, devices=None):
-  """The Quicksviewer of `config` with the params of the latest checkpoint under `workdir`."""
-  mesh = make_mesh(config.mesh, devices or [jax.devices()[0]])
+  """The Quicksviewer of `config` with the params of the latest checkpoint under `workdir`, replicated over
+  `devices` (default: the first device)."""
+  devices = devices or [jax.devices()[0]]
+  mesh = make_mesh({"data": len(devices), "fsdp": 1, "tensor": 1}, devices)
   with jax.set_mesh(mesh), axis_rules(config.sharding_rules):
     graphdef, abstract = nnx.split(nnx.eval_shape(model_factory(config)))
     from qv_jax.sharding import state_shardings
