@@ -1,19 +1,19 @@
 """Procedural scene videos with known cuts, for the CPU demo and tests.
 
 A video lasts N whole seconds and is cut at whole seconds into a blank title card (1-3 s) and shape scenes:
-a solid background (a random grey level) with one shape of a named colour that opens big, vivid and centred
-and then shrinks, fades and drifts away (so a scene's first second is its most informative view, as an
-establishing shot is). The caption lists the shape scenes in order, "red circle, then blue square.". With
-1-fps sampling (SPEC §1.1: the frame from the middle of each second) frame f shows the scene that covers
-second f, so a scene starting at second c starts at sampled frame c: the true cube boundaries are the cut
-seconds (the title → first scene cut included). A video has as many segments as Quicksviewer gives it cubes
-(k + 1 = max(round(N/5) - 1, 1) + 1), so a perfect partition exists; segment lengths are uniformly random
-compositions of N, so the uniform partition is a poor guess.
+a solid background (a random grey level) with one shape of a named colour, big, vivid and centred during the
+scene's first second and then small, faded and off-centre (so a scene's first second is its most informative
+view, as an establishing shot is). The caption lists the shape scenes in order: "red circle, then blue
+square.". With 1-fps sampling (SPEC §1.1: the frame from the middle of each second) frame f shows the
+scene that covers second f, so a scene starting at second c starts at sampled frame c: the true cube
+boundaries are the cut seconds (the title → first scene cut included). A video has as many segments as
+Quicksviewer gives it cubes (k + 1 = max(round(N/5) - 1, 1) + 1), so a perfect partition exists; segment
+lengths are uniformly random compositions of N, so the uniform partition is a poor guess.
 
-    write_dataset(out_dir, num_videos=200, seed=0)   # videos/*.mp4, train.jsonl, truth.json
+    write_dataset(out_dir, num_videos=200, seed=0)   # videos/*.mp4, train.jsonl, train_truth.json
 
-The jsonl follows the loader's format ({"id", "video", "conversations"}); truth.json maps each id to its
-frame count, cut frames and scenes.
+The jsonl follows the loader's format ({"id", "video", "conversations"}); {split}_truth.json maps each id to
+its length in seconds (= sampled frames), cut frames, caption and scenes.
 """
 
 from __future__ import annotations
