@@ -16,7 +16,7 @@ from qv_jax.batch import MODALITY_VIDEO
 from qv_jax.model import assembly
 from qv_jax.model.compressor import Compressor, CompressorOutput
 from qv_jax.model.decoder import Decoder
-from qv_jax.model.vision_tower import SiglipVisionTower, normalize_pixels
+from qv_jax.model.vision_tower import SiglipVisionTower
 from qv_jax.sharding import constrain
 
 
@@ -38,9 +38,9 @@ class Quicksviewer(nnx.Module):
     self.decoder = Decoder(config.model, rngs=rngs)
 
   def frame_features(self, frames: jax.Array) -> jax.Array:
-    """frames [B, F, S, S, 3] uint8 (or already normalised float) -> [B, F, P, Dv]."""
-    pixels = normalize_pixels(frames) if frames.dtype == jnp.uint8 else frames
-    return constrain(self.vision_tower.encode_frames(pixels), ("batch", "frames", "tokens", "vision_embed"))
+    """frames [B, F, S, S, 3] uint8 (normalised chunk by chunk inside the tower) or float in [-1, 1]
+    -> [B, F, P, Dv]."""
+    return constrain(self.vision_tower.encode_frames(frames), ("batch", "frames", "tokens", "vision_embed"))
 
   def prepare_inputs(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True
                      ) -> tuple[assembly.Assembled, CompressorOutput]:
