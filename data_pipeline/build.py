@@ -2,7 +2,7 @@
 
   python -m data_pipeline.build --jsonl train.jsonl --media-root /data/media --data-dir /data/tfds \\
       --name my_videos [--validation-jsonl val.jsonl] [--overwrite] [--allow-outside-media-root] \\
-      [--max-media-bytes 2080374784]
+      [--max-media-bytes 2080374784] [--video-tsv-folder DIR]
 
 Shows a progress bar per split and prints JSON counts per split: "written" records (one per non-blank jsonl
 line), "skipped" by reason and "skipped_examples" (the first lines per reason, with why): records found unusable
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
   parser.add_argument("--max-media-bytes", type=int, default=DEFAULT_MAX_MEDIA_BYTES,
                       help=f"larger media files are skipped (file_too_large); default {DEFAULT_MAX_MEDIA_BYTES} "
                       f"(~35 min of 1080p at 8 Mbit/s), at most {RECORD_LIMIT_BYTES} (one record < 2 GiB)")
+  parser.add_argument("--video-tsv-folder", default=None,
+                      help="the reference's video_folder of TSV frame stores (imgs.tsv + fname2idx.json); videos "
+                      "named in them are read from there")
   parser.add_argument("--quiet", action="store_true", help="no progress bar, no per-record warnings")
   args = parser.parse_args(argv)
   if not 0 < args.max_media_bytes <= RECORD_LIMIT_BYTES:
@@ -49,7 +52,8 @@ def main(argv=None) -> int:
       report = tfds_builder.build_dataset(
           jsonl=args.jsonl, media_root=args.media_root, data_dir=args.data_dir, name=args.name,
           validation_jsonl=args.validation_jsonl, overwrite=args.overwrite, progress=not args.quiet,
-          allow_outside_media_root=args.allow_outside_media_root, max_media_bytes=args.max_media_bytes)
+          allow_outside_media_root=args.allow_outside_media_root, max_media_bytes=args.max_media_bytes,
+          video_tsv_folder=args.video_tsv_folder)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

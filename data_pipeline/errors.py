@@ -23,6 +23,7 @@ REASONS = (
     "symlink_loop",       # ELOOP while resolving the path
     "file_too_large",     # more than --max-media-bytes
     "unreadable_file",    # permissions or I/O error
+    "bad_tsv",            # a TSV frame store row that does not match its index or is not base64 JPEGs
 )
 
 

@@ -10,12 +10,14 @@ Keys read, as the reference's `LazySupervisedDataset` reads them (SPEC §1, §7)
 | `conversations`          | `[{"from": "human" / "gpt", "value": ...}, ...]` |
 | `id`                     | any JSON scalar, stored as text |
 | `data_type`              | only `"conversations"` (the default) is read; `caption` / `interleave` are refused |
-| `timestamps`, `video_len`, `metadata`, `image_size` | known, not needed |
+| `timestamps`             | a TSV video's frame times (numbers), used only for "frames" records |
+| `video_len`, `metadata`, `image_size` | known, not needed |
 
 Other keys are ignored, except on a line without media: a key named like media (video, image, frame, clip, file,
 path, ...) or holding a media-looking path (`.mp4`, `.jpg`, ...) makes the line an error ("unknown_media_key"),
 never a silent text-only sample. Reasons set here: bad_json, bad_id, bad_clip, unknown_media_key,
-unsupported_data_type, the media refusals of `media_files`, and internal_error (a bug: logged with its traceback).
+unsupported_data_type, the media refusals of `media_files`, bad_tsv (`tsv_frames`), and internal_error (a bug,
+logged with its traceback).
 """
 
 import json
@@ -28,6 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from data_pipeline.media_files import RECORD_LIMIT_BYTES, MediaReader, MediaRefused, escape
+from data_pipeline.tsv_frames import TsvStores
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class _Bad(Exception):
 def empty_record(origin: str, error: str, detail: str, sample_id: str = "", modality: str = "text") -> dict:
   return dict(id=sample_id, origin=origin, modality=modality, media=np.zeros((0,), np.object_),
               media_path=np.zeros((0,), np.object_), conversations="[]", start=math.nan, end=math.nan,
-              error=error, error_detail=detail)
+              timestamps=np.zeros((0,), np.float32), error=error, error_detail=detail)
 
 
 def _seconds(sample: dict, key: str, old_key: str) -> float:
@@ -83,7 +86,16 @@ def _media(sample: dict) -> tuple[str, list]:
   return "text", []
 
 
-def _parse(text: str, origin: str, reader: MediaReader) -> dict:
+def _timestamps(sample: dict) -> np.ndarray:
+  value = sample.get("timestamps")
+  if value is None:
+    return np.zeros((0,), np.float32)
+  if not isinstance(value, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in value):
+    raise _Bad("bad_json", f"'timestamps' must be a list of numbers, got {escape(repr(value))[:80]}")
+  return np.asarray(value, np.float32)
+
+
+def _parse(text: str, origin: str, reader: MediaReader, tsv: TsvStores | None) -> dict:
   try:
     sample = json.loads(text)
   except json.JSONDecodeError as e:
@@ -115,7 +127,10 @@ def _parse(text: str, origin: str, reader: MediaReader) -> dict:
                   media_path=np.array([escape(p).encode() for p in paths] or [], np.object_))
     if record["end"] < record["start"]:
       raise _Bad("bad_clip", f"the clip ends ({record['end']} s) before it starts ({record['start']} s)")
-    blobs = [reader.read(p) for p in paths]
+    frames = tsv.frames(paths[0], reader.max_bytes) if tsv is not None and modality == "video" else None
+    if frames is not None:
+      record.update(modality="frames", timestamps=_timestamps(sample))
+    blobs = frames if frames is not None else [reader.read(p) for p in paths]
     if sum(len(b) for b in blobs) > RECORD_LIMIT_BYTES:
       raise _Bad("file_too_large", f"{len(blobs)} images hold {sum(len(b) for b in blobs)} bytes, more than one "
                  f"record can ({RECORD_LIMIT_BYTES})")
@@ -129,13 +144,14 @@ def _parse(text: str, origin: str, reader: MediaReader) -> dict:
   return record
 
 
-def parse_line(raw: bytes, origin: str, reader: MediaReader | str | os.PathLike) -> dict:
-  """One jsonl line (bytes, no newline) -> one record. `reader`: a MediaReader, or a media root (default rules)."""
+def parse_line(raw: bytes, origin: str, reader: MediaReader | str | os.PathLike, tsv: TsvStores | None = None) -> dict:
+  """One jsonl line (bytes, no newline) -> one record. `reader`: a MediaReader, or a media root (default rules);
+  `tsv`: the reference's TSV frame stores, looked up first for videos (a "frames" record when found)."""
   if not isinstance(reader, MediaReader):
     reader = MediaReader(reader)
   origin = escape(origin)
   try:
-    return _parse(raw.decode("utf-8", errors="surrogateescape"), origin, reader)
+    return _parse(raw.decode("utf-8", errors="surrogateescape"), origin, reader, tsv)
   except _Bad as e:
     return empty_record(origin, e.reason, e.detail)
   except Exception as e:  # a bug here must not cost the build its good samples
@@ -168,7 +184,8 @@ def open_jsonl(path: str | os.PathLike):
   return epath.Path(path).open("rb")
 
 
-def read_jsonl(path: str | os.PathLike, reader: MediaReader) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: str | os.PathLike, reader: MediaReader, tsv: TsvStores | None = None
+               ) -> Iterator[tuple[int, dict]]:
   """(line number, record) for every non-blank line of `path`."""
   name = os.path.basename(os.fspath(path))
   with open_jsonl(path) as f:
@@ -177,7 +194,7 @@ def read_jsonl(path: str | os.PathLike, reader: MediaReader) -> Iterator[tuple[i
       if raw is None:
         yield line_no, empty_record(origin, "bad_json", f"line longer than {MAX_LINE_BYTES} bytes")
       elif raw.strip():
-        yield line_no, parse_line(raw, origin, reader)
+        yield line_no, parse_line(raw, origin, reader, tsv)
 
 
 def count_lines(path: str | os.PathLike) -> int:

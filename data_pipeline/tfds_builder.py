@@ -14,18 +14,20 @@ Record features (media are the encoded file bytes; decoding happens in the loade
 |---------------|--------------------------|---------|
 | id            | Text                     | the sample's "id" ("" if absent; undecodable bytes as `\\xNN`) |
 | origin        | Text                     | "file.jsonl:LINE", for error messages |
-| modality      | Text                     | "video", "image" or "text" (no media) |
-| media         | string Tensor [n]        | encoded bytes of each media file (1 for a video, 0 for text) |
+| modality      | Text                     | "video", "image", "text" (no media) or "frames" (a TSV video) |
+| media         | string Tensor [n]        | encoded media bytes (1 video, n images, 0 for text, n JPEGs for frames) |
 | media_path    | string Tensor [n]        | the paths as written in the jsonl (UTF-8, bytes escaped) |
 | conversations | Text                     | "conversations" as JSON (ASCII; undecodable bytes kept as escapes) |
 | start, end    | float32                  | clip bounds in seconds, NaN when absent |
+| timestamps    | float32 Tensor [n]       | a "frames" sample's own `timestamps` (empty: none; since 1.1.0) |
 | error         | Text                     | "" for a good record, else why it cannot be used |
 | error_detail  | Text                     | a human-readable message for `error` |
 
 Choice for problems found at build time: the record is still written, with empty media and `error` set
 (e.g. "missing_file", "outside_media_root", "not_regular_file", "bad_json", "unknown_media_key"; the full list
-is in `jsonl_samples` and `media_files`). No line stops the build: it goes on, logs each one and reports counts by reason; the loader skips such records with the
-same reason, so build counts and loader skip counts agree and record indices stay aligned with the jsonl.
+is in `jsonl_samples` and `media_files`). No line stops the build: it goes on, logs each one and reports
+counts by reason; the loader skips such records with the same reason, so build counts and loader skip counts
+agree and record indices stay aligned with the jsonl.
 Everything about the media content itself (corrupt, truncated, zero-length, audio-only, unsupported codec)
 and about the text (non-UTF-8, empty) is found by the loader's decoders, which skip and count it.
 """
@@ -42,12 +44,13 @@ from etils import epath
 
 from data_pipeline.jsonl_samples import count_lines, parse_line, read_jsonl  # noqa: F401 (parse_line: public)
 from data_pipeline.media_files import DEFAULT_MAX_MEDIA_BYTES, MediaReader, escape
+from data_pipeline.tsv_frames import TsvStores
 
 log = logging.getLogger(__name__)
 
-DATASET_VERSION = "1.0.0"
+DATASET_VERSION = "1.1.0"
 REPORT_EXAMPLES = 5  # skipped lines named per reason in the report
-MODALITIES = ("video", "image", "text")
+MODALITIES = ("video", "image", "text", "frames")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -65,6 +68,7 @@ def features() -> tfds.features.FeaturesDict:
       "conversations": tfds.features.Text(),
       "start": np.float32,
       "end": np.float32,
+      "timestamps": tfds.features.Tensor(shape=(None,), dtype=np.float32),
       "error": tfds.features.Text(),
       "error_detail": tfds.features.Text(),
   })
@@ -79,7 +83,8 @@ class JsonlMediaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   """
 
   VERSION = tfds.core.Version(DATASET_VERSION)
-  RELEASE_NOTES = {DATASET_VERSION: "Encoded media bytes, conversations JSON, build-time errors per record."}
+  RELEASE_NOTES = {"1.0.0": "Encoded media bytes, conversations JSON, build-time errors per record.",
+                   DATASET_VERSION: "The reference's TSV frame stores (modality 'frames', timestamps)."}
   name = "quicksviewer_jsonl"
 
   @tfds.core.utils.classproperty
@@ -90,7 +95,7 @@ class JsonlMediaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   def __init__(self, *, jsonl: str, media_root: str, validation_jsonl: str | None = None,
                progress: bool = False, allow_outside_media_root: bool = False,
-               max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES, **kwargs):
+               max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES, video_tsv_folder: str | None = None, **kwargs):
     self._jsonl = {"train": os.fspath(jsonl)}
     if validation_jsonl:
       self._jsonl["validation"] = os.fspath(validation_jsonl)
@@ -98,6 +103,7 @@ class JsonlMediaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     if "://" not in root and not os.path.isdir(root):
       raise FileNotFoundError(f"media root {escape(root)} is not a directory")
     self._reader = MediaReader(root, allow_outside=allow_outside_media_root, max_bytes=max_media_bytes)
+    self._tsv = TsvStores(os.fspath(video_tsv_folder)) if video_tsv_folder else None
     self._progress = progress
     self.report: dict[str, dict] = {}
     super().__init__(**kwargs)
@@ -118,7 +124,7 @@ class JsonlMediaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     counts = collections.Counter()
     examples: dict[str, list[str]] = {}
     self.report[split] = {"jsonl": escape(path), "written": 0, "skipped": counts, "skipped_examples": examples}
-    records = read_jsonl(path, self._reader)
+    records = read_jsonl(path, self._reader, self._tsv)
     if self._progress:
       from tqdm import tqdm
       records = tqdm(records, total=count_lines(path), desc=f"{split} ({os.path.basename(path)})", unit="sample")
@@ -145,13 +151,15 @@ def builder_class(name: str) -> type[JsonlMediaBuilder]:
 
 def build_dataset(*, jsonl: str, media_root: str, data_dir: str, name: str,
                   validation_jsonl: str | None = None, overwrite: bool = False, progress: bool = False,
-                  allow_outside_media_root: bool = False, max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES) -> dict:
+                  allow_outside_media_root: bool = False, max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES,
+                  video_tsv_folder: str | None = None) -> dict:
   """Builds (or, unless `overwrite`, reuses) `data_dir/name/DATASET_VERSION`.
 
   Returns {split: {"jsonl", "written", "skipped": {reason: n}, "skipped_examples": {reason: [line: why]}}}."""
   builder = builder_class(name)(jsonl=jsonl, media_root=media_root, validation_jsonl=validation_jsonl,
                                 data_dir=data_dir, file_format="array_record", progress=progress,
-                                allow_outside_media_root=allow_outside_media_root, max_media_bytes=max_media_bytes)
+                                allow_outside_media_root=allow_outside_media_root, max_media_bytes=max_media_bytes,
+                                video_tsv_folder=video_tsv_folder)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
