@@ -89,6 +89,7 @@ class MediaReader:
     self.max_bytes = max_bytes
     if not self.remote:
       self._root_b = os.path.realpath(os.fsencode(self.root))
+      self._roots = {self._root_b, os.path.normpath(os.path.abspath(os.fsencode(self.root)))}
       self._pseudo = _pseudo_devices()
 
   def read(self, rel: str) -> bytes:
@@ -103,7 +104,7 @@ class MediaReader:
       raise MediaRefused("bad_path", f"path {escape(rel)!r} holds characters no file name can have") from None
     joined = os.path.join(self._root_b, rel_b)
     shown = escape(joined)
-    if not self.allow_outside and not _inside(os.path.normpath(joined), self._root_b):
+    if not self.allow_outside and not any(_inside(os.path.normpath(joined), r) for r in self._roots):
       raise MediaRefused("outside_media_root", f"{shown} is outside the media root {escape(self._root_b)} "
                          "(pass --allow-outside-media-root to read it)")
     try:

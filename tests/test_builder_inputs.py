@@ -110,6 +110,9 @@ def test_allowed_paths_and_the_size_bound(tree):
   rec = _parse(_line(video="sub/good.mp4"), media, max_bytes=len(good) - 1)
   assert rec["error"] == "file_too_large" and str(len(good)) in rec["error_detail"]
   assert _parse(_line(video="sub/good.mp4"), media, max_bytes=len(good))["error"] == ""
+  os.symlink(media, tmp / "media_link")  # a symlinked root: absolute paths through the link name are inside
+  rec = _parse(_line(video=str(tmp / "media_link" / "sub" / "good.mp4")), tmp / "media_link")
+  assert rec["error"] == "" and list(rec["media"]) == [good]
   with pytest.raises(ValueError, match="2 GiB"):
     MediaReader(media, max_bytes=2**31)
 
@@ -229,3 +232,31 @@ def test_overlong_line_and_non_regular_jsonl(tree, monkeypatch):
 def test_escape_gives_valid_utf8():
   assert escape("a\udcffb") == "a\\xffb" and escape(b"\xfe") == "\\xfe" and escape("\ud800") == "\\ud800"
   assert escape("caf\u00e9") == "caf\u00e9"
+
+
+def test_remote_media_root_checks(tmp_path, monkeypatch):
+  """gs:// roots (read through epath): lexical containment and the size bound; here epath maps to local files."""
+  from data_pipeline import media_files
+  (tmp_path / "media").mkdir()
+  (tmp_path / "media" / "a.mp4").write_bytes(b"x" * 10)
+
+  class LocalPath:
+    def __init__(self, uri):
+      self.local = tmp_path / uri.split("gs://bucket/", 1)[1]
+
+    def stat(self):
+      return type("Stat", (), {"length": self.local.stat().st_size})
+
+    def open(self, mode):
+      return open(self.local, mode)
+
+  monkeypatch.setattr(media_files.epath, "Path", LocalPath)
+  reader = MediaReader("gs://bucket/media", max_bytes=10)
+  assert reader.read("a.mp4") == b"x" * 10
+  for rel, reason in (("../secret", "outside_media_root"), ("gs://bucket/other/a.mp4", "outside_media_root"),
+                      ("b.mp4", "missing_file")):
+    with pytest.raises(MediaRefused) as e:
+      reader.read(rel)
+    assert e.value.reason == reason
+  with pytest.raises(MediaRefused, match="more than the maximum 9"):
+    MediaReader("gs://bucket/media", max_bytes=9).read("a.mp4")
