@@ -160,7 +160,8 @@ def parse_line(raw: bytes, origin: str, reader: MediaReader | str | os.PathLike,
 
 
 def _lines(f) -> Iterator[tuple[int, bytes | None]]:
-  """(line number, bytes without the newline) per line; None for a line longer than MAX_LINE_BYTES."""
+  """(line number, bytes without the newline or a leading UTF-8 BOM) per line; None for a line longer than
+  MAX_LINE_BYTES."""
   line_no = 0
   while raw := f.readline(MAX_LINE_BYTES + 1):
     line_no += 1
@@ -169,7 +170,7 @@ def _lines(f) -> Iterator[tuple[int, bytes | None]]:
         pass
       yield line_no, None
     else:
-      yield line_no, raw.rstrip(b"\r\n")
+      yield line_no, raw.rstrip(b"\r\n").removeprefix(b"\xef\xbb\xbf" if line_no == 1 else b"")
 
 
 def open_jsonl(path: str | os.PathLike):

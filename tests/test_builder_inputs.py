@@ -216,11 +216,11 @@ def test_build_keeps_every_good_sample(tree):
   assert not any(b"hunter2" in b"".join(np.asarray(r["media"]).tolist() or [b""]) for r in records)
 
 
-def test_overlong_line_and_non_regular_jsonl(tree, monkeypatch):
+def test_bom_crlf_overlong_line_and_non_regular_jsonl(tree, monkeypatch):
   tmp, media, _ = tree
   monkeypatch.setattr(jsonl_samples, "MAX_LINE_BYTES", 1000)
   path = tmp / "long.jsonl"
-  path.write_bytes(b"\n".join([_line(id="a", video="sub/good.mp4"), b'{"id": "' + b"x" * 5000 + b'"}',
+  path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join([_line(id="a", video="sub/good.mp4"), b'{"id": "' + b"x" * 5000 + b'"}',
                                _line(id="b", video="sub/good.mp4")]) + b"\n")
   records = list(jsonl_samples.read_jsonl(path, MediaReader(media)))
   assert [(n, r["id"], r["error"]) for n, r in records] == [(1, "a", ""), (2, "", "bad_json"), (3, "b", "")]
