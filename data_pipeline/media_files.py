@@ -47,14 +47,14 @@ def escape(text) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _pseudo_devices() -> set[int]:
-  devices = set()
-  for root in _PSEUDO_ROOTS:
+def _pseudo_devices(media_root: bytes) -> set[int]:
+  """Devices of the /proc, /sys and /dev mounts; none where one is a plain directory of `/` or the media root."""
+  def dev(path):
     try:
-      devices.add(os.stat(root).st_dev)
+      return os.stat(path).st_dev
     except OSError:
-      pass
-  return devices
+      return None
+  return {dev(p) for p in _PSEUDO_ROOTS} - {dev(b"/"), dev(media_root), None}
 
 
 def _inside(path: bytes, root: bytes) -> bool:
@@ -90,7 +90,7 @@ class MediaReader:
     if not self.remote:
       self._root_b = os.path.realpath(os.fsencode(self.root))
       self._roots = {self._root_b, os.path.normpath(os.path.abspath(os.fsencode(self.root)))}
-      self._pseudo = _pseudo_devices()
+      self._pseudo = _pseudo_devices(self._root_b)
 
   def read(self, rel: str) -> bytes:
     """The bytes of the file `rel` names; raises MediaRefused."""
