@@ -1,5 +1,6 @@
 """Show what the pipeline takes from one video: sampled frame indices, timestamps, native FPS, frame count, the
-prompt text (and its token count with --tokenizer). Prints JSON; a bad file prints the reason and exits 2.
+prompt text (and, with --tokenizer, the token count of exactly that prompt, the generation prompt's final
+`<|im_start|>assistant\\n` included). Prints JSON; a bad file prints the reason and exits 2.
 
   python -m data_pipeline.inspect VIDEO [--question Q] [--num-frames 420] [--fps 1] [--template qwen2]
                                         [--tokenizer tokenizer.json]
@@ -36,9 +37,10 @@ def inspect_video(path: str, *, question: str, num_frames: int | None, fps: floa
   }
   if tokenizer_path:
     from data_pipeline.tokenizer import load_tokenizer
-    tokens = tokenize_sample([{"from": "human", "value": f"<image>\n{question}"}], modality="video",
-                             tokenizer=load_tokenizer(tokenizer_path, template), template=template,
-                             timestamps=clip.timestamps)
+    # The empty assistant turn renders as the role string the printed prompt ends with (`<|im_start|>assistant\n`).
+    asked = [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": ""}]
+    tokens = tokenize_sample(asked, modality="video", tokenizer=load_tokenizer(tokenizer_path, template),
+                             template=template, timestamps=clip.timestamps)
     ids = tokens["input_ids"]
     out["num_tokens"] = int(len(ids))
     out["num_placeholders"] = int((ids == -200).sum())

@@ -39,6 +39,7 @@ from data_pipeline.image import DEFAULT_PINPOINTS, read_image_crops
 from data_pipeline.preprocess import normalize
 from data_pipeline.prompt import tokenize_sample
 from data_pipeline.tokenizer import load_tokenizer, pad_token_id
+from data_pipeline.tsv_frames import read_frame_list
 from data_pipeline.video import read_video
 from qv_jax.batch import BATCH_KEYS, IMAGE_TOKEN_INDEX, MODALITY_IMAGE, MODALITY_VIDEO
 from qv_jax.config.data import validate_data
@@ -130,6 +131,12 @@ class SampleProcessor:
                         threads=s.decode_threads, strategy=s.decode_strategy, min_frames=s.min_frames,
                         start_sec=_seconds(record["start"]), end_sec=_seconds(record["end"]))
       frames, timestamps = clip.frames, list(clip.timestamps)
+      expected_placeholders = len(frames) + 1
+    elif modality == "frames":  # a video from the reference's TSV frame stores
+      clip = read_frame_list(media, num_frames=s.max_frames, image_size=s.image_size, min_frames=s.min_frames,
+                             stored_timestamps=record.get("timestamps"), start_sec=_seconds(record["start"]),
+                             end_sec=_seconds(record["end"]))
+      frames, timestamps, modality = clip.frames, list(clip.timestamps), "video"
       expected_placeholders = len(frames) + 1
     elif modality == "image":
       if not media:

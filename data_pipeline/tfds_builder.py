@@ -3,48 +3,54 @@
 One jsonl line (LLaVA style) is one record, in file order (TFDS shuffling is disabled, so record i of a split is
 its i-th non-blank line):
 
-  {"id": ..., "video": "rel/path.mp4" | "image": "rel.jpg" | ["a.jpg", "b.jpg"],
-   "conversations": [{"from": "human" | "gpt", "value": ...}, ...], "start": sec, "end": sec}
+  {"id": ..., "video" | "video_id": "rel/path.mp4" | "image": "rel.jpg" | ["a.jpg", "b.jpg"],
+   "conversations": [{"from": "human" | "gpt", "value": ...}, ...], "start_sec": sec, "end_sec": sec}
+
+(the keys read and refused: `jsonl_samples`; which media files are read: `media_files`).
 
 Record features (media are the encoded file bytes; decoding happens in the loader's workers):
 
 | feature       | type                     | meaning |
 |---------------|--------------------------|---------|
-| id            | Text                     | the sample's "id" ("" if absent) |
+| id            | Text                     | the sample's "id" ("" if absent; undecodable bytes as `\\xNN`) |
 | origin        | Text                     | "file.jsonl:LINE", for error messages |
-| modality      | Text                     | "video", "image" or "text" (no media) |
-| media         | string Tensor [n]        | encoded bytes of each media file (1 for a video, 0 for text) |
-| media_path    | string Tensor [n]        | the paths as written in the jsonl |
+| modality      | Text                     | "video", "image", "text" (no media) or "frames" (a TSV video) |
+| media         | string Tensor [n]        | encoded media bytes (1 video, n images, 0 for text, n JPEGs for frames) |
+| media_path    | string Tensor [n]        | the paths as written in the jsonl (UTF-8, bytes escaped) |
 | conversations | Text                     | "conversations" as JSON (ASCII; undecodable bytes kept as escapes) |
 | start, end    | float32                  | clip bounds in seconds, NaN when absent |
+| timestamps    | float32 Tensor [n]       | a "frames" sample's own `timestamps` (empty: none; since 1.1.0) |
 | error         | Text                     | "" for a good record, else why it cannot be used |
 | error_detail  | Text                     | a human-readable message for `error` |
 
 Choice for problems found at build time: the record is still written, with empty media and `error` set
-("missing_file": a media file does not exist; "bad_json": the line is not a JSON object with a conversations
-list). The build goes on, logs each one and reports counts by reason; the loader skips such records with the
-same reason, so build counts and loader skip counts agree and record indices stay aligned with the jsonl.
+(e.g. "missing_file", "outside_media_root", "not_regular_file", "bad_json", "unknown_media_key"; the full list
+is in `jsonl_samples` and `media_files`). No line stops the build: it goes on, logs each one and reports
+counts by reason; the loader skips such records with the same reason, so build counts and loader skip counts
+agree and record indices stay aligned with the jsonl.
 Everything about the media content itself (corrupt, truncated, zero-length, audio-only, unsupported codec)
 and about the text (non-UTF-8, empty) is found by the loader's decoders, which skip and count it.
 """
 
 import collections
-import json
 import logging
-import math
 import os
 import re
 import types
-from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from data_pipeline.jsonl_samples import count_lines, parse_line, read_jsonl  # noqa: F401 (parse_line: public)
+from data_pipeline.media_files import DEFAULT_MAX_MEDIA_BYTES, MediaReader, escape
+from data_pipeline.tsv_frames import TsvStores
+
 log = logging.getLogger(__name__)
 
-DATASET_VERSION = "1.0.0"
-MODALITIES = ("video", "image", "text")
+DATASET_VERSION = "1.1.0"
+REPORT_EXAMPLES = 5  # skipped lines named per reason in the report
+MODALITIES = ("video", "image", "text", "frames")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -62,72 +68,10 @@ def features() -> tfds.features.FeaturesDict:
       "conversations": tfds.features.Text(),
       "start": np.float32,
       "end": np.float32,
+      "timestamps": tfds.features.Tensor(shape=(None,), dtype=np.float32),
       "error": tfds.features.Text(),
       "error_detail": tfds.features.Text(),
   })
-
-
-def _seconds(value) -> float:
-  try:
-    return float(value) if value is not None else math.nan
-  except (TypeError, ValueError):
-    return math.nan
-
-
-def _empty_record(origin: str, error: str, detail: str, sample_id: str = "", modality: str = "text") -> dict:
-  return dict(id=sample_id, origin=origin, modality=modality, media=np.zeros((0,), np.object_),
-              media_path=np.zeros((0,), np.object_), conversations="[]", start=math.nan, end=math.nan,
-              error=error, error_detail=detail)
-
-
-def parse_line(raw: bytes, origin: str, media_root: str | os.PathLike) -> dict:
-  """One jsonl line -> one record (see the module docstring); never raises for bad content."""
-  text = raw.decode("utf-8", errors="surrogateescape")
-  try:
-    sample = json.loads(text)
-  except json.JSONDecodeError as e:
-    return _empty_record(origin, "bad_json", f"not valid JSON ({e.msg} at column {e.colno})")
-  if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
-    return _empty_record(origin, "bad_json", "expected an object with a 'conversations' list")
-  sample_id = str(sample.get("id", ""))
-  if sample.get("video") is not None:
-    modality, paths = "video", [sample["video"]]
-  elif sample.get("image") is not None:
-    modality = "image"
-    paths = sample["image"] if isinstance(sample["image"], list) else [sample["image"]]
-  else:
-    modality, paths = "text", []
-  if (modality == "image" and not paths) or not all(isinstance(p, str) and p for p in paths):
-    return _empty_record(origin, "bad_json", f"media paths must be non-empty strings, got {paths!r}",
-                         sample_id, modality)
-  record = _empty_record(origin, "", "", sample_id, modality)
-  record.update(conversations=json.dumps(sample["conversations"], ensure_ascii=True),
-                start=_seconds(sample.get("start")), end=_seconds(sample.get("end")),
-                media_path=np.array([p.encode("utf-8", "surrogateescape") for p in paths] or [], np.object_))
-  blobs = []
-  for rel in paths:
-    path = epath.Path(media_root) / rel
-    try:
-      blobs.append(path.read_bytes())
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-      record.update(error="missing_file", error_detail=f"cannot read {path}: {type(e).__name__}")
-      return record
-  record["media"] = np.array(blobs, np.object_) if blobs else np.zeros((0,), np.object_)
-  return record
-
-
-def read_jsonl(path: str | os.PathLike, media_root: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-  """(line number, record) for every non-blank line of `path`."""
-  name = os.path.basename(os.fspath(path))
-  with epath.Path(path).open("rb") as f:
-    for line_no, raw in enumerate(f, start=1):
-      if raw.strip():
-        yield line_no, parse_line(raw.rstrip(b"\r\n"), f"{name}:{line_no}", media_root)
-
-
-def count_lines(path: str | os.PathLike) -> int:
-  with epath.Path(path).open("rb") as f:
-    return sum(1 for raw in f if raw.strip())
 
 
 class JsonlMediaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -139,7 +83,8 @@ class JsonlMediaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   """
 
   VERSION = tfds.core.Version(DATASET_VERSION)
-  RELEASE_NOTES = {DATASET_VERSION: "Encoded media bytes, conversations JSON, build-time errors per record."}
+  RELEASE_NOTES = {"1.0.0": "Encoded media bytes, conversations JSON, build-time errors per record.",
+                   DATASET_VERSION: "The reference's TSV frame stores (modality 'frames', timestamps)."}
   name = "quicksviewer_jsonl"
 
   @tfds.core.utils.classproperty
@@ -149,11 +94,16 @@ class JsonlMediaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     return epath.Path(__file__)
 
   def __init__(self, *, jsonl: str, media_root: str, validation_jsonl: str | None = None,
-               progress: bool = False, **kwargs):
+               progress: bool = False, allow_outside_media_root: bool = False,
+               max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES, video_tsv_folder: str | None = None, **kwargs):
     self._jsonl = {"train": os.fspath(jsonl)}
     if validation_jsonl:
       self._jsonl["validation"] = os.fspath(validation_jsonl)
-    self._media_root = os.fspath(media_root)
+    root = os.fspath(media_root)
+    if "://" not in root and not os.path.isdir(root):
+      raise FileNotFoundError(f"media root {escape(root)} is not a directory")
+    self._reader = MediaReader(root, allow_outside=allow_outside_media_root, max_bytes=max_media_bytes)
+    self._tsv = TsvStores(os.fspath(video_tsv_folder)) if video_tsv_folder else None
     self._progress = progress
     self.report: dict[str, dict] = {}
     super().__init__(**kwargs)
@@ -166,23 +116,25 @@ class JsonlMediaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   def _split_generators(self, dl_manager):
     del dl_manager
     for split, path in self._jsonl.items():
-      if not epath.Path(path).exists():
-        raise FileNotFoundError(f"{split} jsonl {path} does not exist")
       if count_lines(path) == 0:
-        raise ValueError(f"{split} jsonl {path} has no samples (only blank lines)")
+        raise ValueError(f"{split} jsonl {escape(path)} has no samples (only blank lines)")
     return {split: self._generate_examples(split, path) for split, path in self._jsonl.items()}
 
   def _generate_examples(self, split: str, path: str):
     counts = collections.Counter()
-    self.report[split] = {"jsonl": path, "written": 0, "skipped": counts}
-    records = read_jsonl(path, self._media_root)
+    examples: dict[str, list[str]] = {}
+    self.report[split] = {"jsonl": escape(path), "written": 0, "skipped": counts, "skipped_examples": examples}
+    records = read_jsonl(path, self._reader, self._tsv)
     if self._progress:
       from tqdm import tqdm
       records = tqdm(records, total=count_lines(path), desc=f"{split} ({os.path.basename(path)})", unit="sample")
     for line_no, record in records:
       if record["error"]:
         counts[record["error"]] += 1
-        log.warning("build: %s (id=%s): %s [%s]", record["origin"], record["id"], record["error_detail"],
+        shown = examples.setdefault(record["error"], [])
+        if len(shown) < REPORT_EXAMPLES:
+          shown.append(f"{record['origin']} (id={record['id']!r}): {record['error_detail']}")
+        log.warning("build: %s (id=%r): %s [%s]", record["origin"], record["id"], record["error_detail"],
                     record["error"])
       self.report[split]["written"] += 1
       yield line_no, record
@@ -198,17 +150,24 @@ def builder_class(name: str) -> type[JsonlMediaBuilder]:
 
 
 def build_dataset(*, jsonl: str, media_root: str, data_dir: str, name: str,
-                  validation_jsonl: str | None = None, overwrite: bool = False, progress: bool = False) -> dict:
-  """Builds (or, unless `overwrite`, reuses) `data_dir/name/DATASET_VERSION`; returns {split: {written, skipped}}."""
+                  validation_jsonl: str | None = None, overwrite: bool = False, progress: bool = False,
+                  allow_outside_media_root: bool = False, max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES,
+                  video_tsv_folder: str | None = None) -> dict:
+  """Builds (or, unless `overwrite`, reuses) `data_dir/name/DATASET_VERSION`.
+
+  Returns {split: {"jsonl", "written", "skipped": {reason: n}, "skipped_examples": {reason: [line: why]}}}."""
   builder = builder_class(name)(jsonl=jsonl, media_root=media_root, validation_jsonl=validation_jsonl,
-                                data_dir=data_dir, file_format="array_record", progress=progress)
+                                data_dir=data_dir, file_format="array_record", progress=progress,
+                                allow_outside_media_root=allow_outside_media_root, max_media_bytes=max_media_bytes,
+                                video_tsv_folder=video_tsv_folder)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
   if not builder.report:  # reused: report what is there
     builder.report = {split: {"written": info.num_examples, "skipped": {}, "reused": True}
                       for split, info in builder.info.splits.items()}
-  return {split: {**r, "skipped": dict(r["skipped"])} for split, r in builder.report.items()}
+  return {split: {**r, "skipped": dict(r["skipped"]), "skipped_examples": dict(r.get("skipped_examples", {}))}
+          for split, r in builder.report.items()}
 
 
 def find_datasets(data_dir: str | os.PathLike) -> list[str]:

@@ -134,7 +134,7 @@ def test_in_process_build_reuse_and_overwrite(corpus, tmp_path):
   first = tfds_builder.build_dataset(**kwargs)
   assert first["train"]["written"] == 9 and first["train"]["skipped"]["missing_file"] == 1
   reused = tfds_builder.build_dataset(**kwargs)
-  assert reused["train"] == {"written": 9, "skipped": {}, "reused": True}
+  assert reused["train"] == {"written": 9, "skipped": {}, "skipped_examples": {}, "reused": True}
   (root / "media" / "missing.mp4").write_bytes(b"now here")
   try:
     rebuilt = tfds_builder.build_dataset(**kwargs, overwrite=True)
