@@ -28,11 +28,11 @@ import os
 import av
 import numpy as np
 
+from data_pipeline import opencv_compat
 from data_pipeline.errors import BadSampleError
 from data_pipeline.preprocess import resize_image
 
 STRATEGIES = ("auto", "gop", "scan", "sequential")
-RGB_OPTIONS = dict(format="rgb24", src_colorspace="ITU601", interpolation="BICUBIC")
 
 
 def sample_frame_indices(native_fps: float, frame_count: int, num_frames: int | None = 420, fps: float = 1.0,
@@ -216,7 +216,7 @@ class _Collector:
   def add(self, index: int, frame) -> None:
     if index not in self.wanted or index in self.frames:
       return
-    rgb = frame.to_ndarray(**RGB_OPTIONS)
+    rgb = opencv_compat.to_rgb(frame)
     turns = round((frame.rotation or self.legacy_rotate) / 90) % 4
     if turns:
       rgb = np.ascontiguousarray(np.rot90(rgb, turns))
@@ -467,16 +467,47 @@ def _decode(source, wanted: list[int], image_size: int | None, threads: int, str
       container.close()
 
 
+def _seek_offset(source, info: VideoInfo, target: int) -> int:
+  """Position minus OpenCV's frame number after the reference's `CAP_PROP_POS_FRAMES = target` seek
+  (opencv_compat.seek_offset), from a demux-only pass that stops after the first keyframe past the seek time."""
+  if target - 16 <= 0:
+    return 0  # OpenCV seeks to the start: numbers are positions
+  container, stream = _open(source)
+  try:
+    time_base = float(stream.time_base)
+    start = stream.start_time or 0
+    stamp = start + int((target - 16) / info.native_fps / time_base + 0.5)
+    packets = []
+    for packet in container.demux(stream):
+      if packet.pts is None:
+        if packet.size == 0:
+          continue
+        return 0  # no timestamps: OpenCV cannot seek by time either; keep positions
+      seek_ts = packet.dts if packet.dts is not None else packet.pts
+      if packet.is_keyframe and seek_ts > stamp and packets:
+        break
+      packets.append((packet.pts, packet.dts, packet.is_keyframe, not packet.is_discard))
+  except av.FFmpegError:
+    return 0
+  finally:
+    container.close()
+  return opencv_compat.seek_offset(packets, target, info.native_fps, info.frame_count, start, time_base)
+
+
 def read_video(source: str | os.PathLike | bytes, *, num_frames: int | None = 420, fps: float = 1.0,
                image_size: int = 384, resize: bool = True, min_frames: int = 2, threads: int = 0,
-               start_sec: float | None = None, end_sec: float | None = None, strategy: str = "auto") -> VideoClip:
+               start_sec: float | None = None, end_sec: float | None = None, strategy: str = "auto",
+               opencv_seek: bool = True) -> VideoClip:
   """Decode the frames SPEC §1.1 samples from a file path or encoded bytes, upright and RGB.
 
   Fewer than `min_frames` frames: retry once at fps+1 (SPEC §1.1.7), then BadSampleError("too_few_frames")
-  ("zero_frames" when none decode). `threads`: decoder threads (0 = FFmpeg's choice, one per core; use 1-2 per
-  loader worker). `strategy`: "auto" tries "gop" (streamed GOPs, index seeks), then "scan" (open GOPs), then
+  ("zero_frames" when none decode although the reported frame count covers the sampled indices). `threads`:
+  decoder threads (0 = FFmpeg's choice, one per core; use 1-2 per loader worker). `strategy`: "auto" tries "gop" (streamed GOPs, index seeks), then "scan" (open GOPs), then
   "sequential" (every frame, the reference's order); naming one forces it (no fallback beyond it). All return
-  identical frames. Raises BadSampleError for any unreadable input."""
+  identical frames. `opencv_seek` (default, the reference): index i is the picture OpenCV returns as frame i
+  after seeking to the first sampled index, which on variable-frame-rate video can be another picture than the
+  i-th (see opencv_compat); False: index i is always the i-th picture. Raises BadSampleError for any unreadable
+  input. A video too short to hold any sampled index (e.g. one frame) reports "too_few_frames"."""
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy {strategy!r}; expected one of {STRATEGIES}")
   name = _name(source)
@@ -490,10 +521,13 @@ def read_video(source: str | os.PathLike | bytes, *, num_frames: int | None = 42
   frames = {}
   for rate in attempts:
     indices = sample_frame_indices(info.native_fps, info.frame_count, num_frames, rate, start_sec, end_sec)
-    frames = _decode(source, indices, size, threads, strategy) if indices else {}
+    offset = _seek_offset(source, info, indices[0]) if indices and opencv_seek else 0
+    decoded = _decode(source, [i + offset for i in indices], size, threads, strategy) if indices else {}
+    frames = {position - offset: frame for position, frame in decoded.items()}
     if len(frames) >= min_frames:
       break
-  if not frames:
+  too_short = all(i >= info.frame_count for i in indices)  # e.g. one frame: no sampled index exists
+  if not frames and not too_short:
     raise BadSampleError("zero_frames", f"no frame decodes at the sampled indices (FPS {info.native_fps:.3f}, "
                          f"{info.frame_count} frames reported)", name)
   if len(frames) < min_frames:
