@@ -5,6 +5,7 @@ import fractions
 import json
 
 import av
+import cv2
 import numpy as np
 import pytest
 
@@ -15,7 +16,6 @@ from data_pipeline.preprocess import normalize
 from data_pipeline.tokenizer import build_tiny_tokenizer
 from data_pipeline.video import read_video, sample_frame_indices
 
-cv2 = pytest.importorskip("cv2")  # requirements-test.txt pins opencv-python-headless
 
 
 def opencv_reference(path, num_frames=420, fps=1.0, start_sec=None, end_sec=None, auto_rotate=False):
