@@ -5,14 +5,18 @@ Frame rate and count follow OpenCV's FFmpeg backend, which the reference reads t
   FCOUNT = stream.frames (nb_frames), else floor(duration_s * FPS + 0.5), with duration_s from the container,
            else from the stream (OpenCV's get_total_frames / get_duration_sec).
 A frame's index is its position in decoder output order counted from the first frame, as OpenCV's sequential
-reads count it; for variable-frame-rate video that is the i-th frame, not the frame at time i/FPS.
+reads count it; for variable-frame-rate video that is the i-th frame, not the frame at time i/FPS. Exception, as
+in the reference: after its CAP_PROP_POS_FRAMES seek to the first sampled index, OpenCV numbers frames from the
+landing keyframe's timestamp, which on variable-frame-rate clips shifts every index by a constant
+(`opencv_compat.seek_offset`; `opencv_seek=False` opts out).
 
 Decoding ("gop" strategy): packets are read one GOP (keyframe to keyframe) at a time and each frame's index is
 its presentation rank. A GOP holding no sampled frame is never decoded; in the others, decoding stops after the
 last sampled frame, and H.264 / HEVC pictures no other picture references (nal_ref_idc = 0, single-layer
-sub-layer non-reference NAL types) are dropped unless sampled. Only sampled frames are converted to RGB (BT.601
-matrix, bicubic chroma, as OpenCV's swscale call does), rotated upright (display matrix or legacy `rotate` tag;
-OpenCV >= 4.5 auto-rotates the same way by default) and resized. Streams this cannot index safely (missing
+sub-layer non-reference NAL types) are dropped unless sampled. Only sampled frames are converted to RGB, exactly
+as OpenCV converts them (`opencv_compat.to_rgb`: BGR24 via swscale without colour metadata), rotated upright
+(display matrix or legacy `rotate` tag, as OpenCV does with CAP_PROP_ORIENTATION_AUTO; the opencv-python 4.11
+wheel leaves that off by default and returns the stored orientation) and resized. Streams this cannot index safely (missing
 timestamps, no leading keyframe) fall back to decoding every frame in order and counting ("sequential"), the
 reference's method. Open GOPs (leading pictures that reference the previous GOP, as x265 and MPEG-4 Part 2 B-frames
 make) use "scan": one demux-only pass ranks every frame, then only the packet runs sampled frames need are decoded.
