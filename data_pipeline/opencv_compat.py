@@ -33,13 +33,22 @@ def _bare_copy(frame):
   return bare
 
 
+UNSCALED_8BIT = {"yuv420p": "MPEG", "yuvj420p": "JPEG", "yuv422p": "MPEG", "yuvj422p": "JPEG"}
+"""8-bit formats swscale converts to BGR24 with its unscaled table path (even height), which ignores chroma
+siting: for these the metadata-free copy is replaced by the range OpenCV's swscale call assumes."""
+
+
 def to_rgb(frame) -> np.ndarray:
-  """uint8 [H, W, 3] RGB exactly as OpenCV's `VideoCapture.read` + `cvtColor(BGR2RGB)` gives it."""
-  if frame.format.name == "pal8" or len(frame.planes) == 0:
+  """uint8 [H, W, 3] RGB exactly as OpenCV's `VideoCapture.read` + `cvtColor(BGR2RGB)` gives it; a view of the
+  BGR24 buffer with a negative channel stride (callers copy it when they stack, rotate or resize)."""
+  name = frame.format.name
+  if name in UNSCALED_8BIT and frame.height % 2 == 0:
+    bgr = frame.to_ndarray(**CONVERT_OPTIONS, src_color_range=UNSCALED_8BIT[name])
+  elif name == "pal8" or not frame.planes:
     bgr = frame.to_ndarray(**CONVERT_OPTIONS)
   else:
     bgr = _bare_copy(frame).to_ndarray(**CONVERT_OPTIONS)
-  return np.ascontiguousarray(bgr[..., ::-1])
+  return bgr[..., ::-1]
 
 
 def _frame_number(pts: int, fps: float, start: int, time_base: float) -> int:

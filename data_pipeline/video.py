@@ -530,7 +530,7 @@ def read_video(source: str | os.PathLike | bytes, *, num_frames: int | None = 42
     frames = {position - offset: frame for position, frame in decoded.items()}
     if len(frames) >= min_frames:
       break
-  too_short = all(i >= info.frame_count for i in indices)  # e.g. one frame: no sampled index exists
+  too_short = info.frame_count > 0 and bool(indices) and min(indices) >= info.frame_count  # e.g. one frame
   if not frames and not too_short:
     raise BadSampleError("zero_frames", f"no frame decodes at the sampled indices (FPS {info.native_fps:.3f}, "
                          f"{info.frame_count} frames reported)", name)
