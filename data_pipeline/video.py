@@ -10,17 +10,17 @@ in the reference: after its CAP_PROP_POS_FRAMES seek to the first sampled index,
 landing keyframe's timestamp, which on variable-frame-rate clips shifts every index by a constant
 (`opencv_compat.seek_offset`; `opencv_seek=False` opts out).
 
-Decoding ("gop" strategy): packets are read one GOP (keyframe to keyframe) at a time and each frame's index is
-its presentation rank. A GOP holding no sampled frame is never decoded; in the others, decoding stops after the
-last sampled frame, and H.264 / HEVC pictures no other picture references (nal_ref_idc = 0, single-layer
-sub-layer non-reference NAL types) are dropped unless sampled. Only sampled frames are converted to RGB, exactly
-as OpenCV converts them (`opencv_compat.to_rgb`: BGR24 via swscale without colour metadata), rotated upright
-(display matrix or legacy `rotate` tag, as OpenCV does with CAP_PROP_ORIENTATION_AUTO; the opencv-python 4.11
-wheel leaves that off by default and returns the stored orientation) and resized. Streams this cannot index safely (missing
-timestamps, no leading keyframe) fall back to decoding every frame in order and counting ("sequential"), the
-reference's method. Open GOPs (leading pictures that reference the previous GOP, as x265 and MPEG-4 Part 2 B-frames
-make) use "scan": one demux-only pass ranks every frame, then only the packet runs sampled frames need are decoded.
-Memory is bounded by one GOP of packets (plus one small tuple per packet for "scan") and the sampled frames.
+Decoding ("gop" strategy): packets are read one GOP (keyframe to keyframe) at a time and each frame's index is its
+presentation rank. A GOP holding no sampled frame is never decoded; in the others, decoding stops after the last
+sampled frame, and H.264 / HEVC pictures no other picture references (nal_ref_idc = 0, single-layer sub-layer
+non-reference NAL types) are dropped unless sampled. Only sampled frames are converted to RGB, exactly as OpenCV
+converts them (`opencv_compat.to_rgb`: BGR24 via swscale without colour metadata), rotated upright (display matrix
+or legacy `rotate` tag, as OpenCV does with CAP_PROP_ORIENTATION_AUTO; the opencv-python 4.11 wheel leaves that off
+by default and returns the stored orientation) and resized. Streams this cannot index safely (missing timestamps, no
+leading keyframe) fall back to decoding every frame in order and counting ("sequential"), the reference's method.
+Open GOPs (leading pictures that reference the previous GOP, as x265 and MPEG-4 Part 2 B-frames make) use "scan":
+one demux-only pass ranks every frame, then only the packet runs sampled frames need are decoded. Memory is bounded
+by one GOP of packets (plus one small tuple per packet for "scan") and the sampled frames.
 """
 
 import bisect
@@ -505,13 +505,14 @@ def read_video(source: str | os.PathLike | bytes, *, num_frames: int | None = 42
   """Decode the frames SPEC §1.1 samples from a file path or encoded bytes, upright and RGB.
 
   Fewer than `min_frames` frames: retry once at fps+1 (SPEC §1.1.7), then BadSampleError("too_few_frames")
-  ("zero_frames" when none decode although the reported frame count covers the sampled indices). `threads`:
-  decoder threads (0 = FFmpeg's choice, one per core; use 1-2 per loader worker). `strategy`: "auto" tries "gop" (streamed GOPs, index seeks), then "scan" (open GOPs), then
-  "sequential" (every frame, the reference's order); naming one forces it (no fallback beyond it). All return
-  identical frames. `opencv_seek` (default, the reference): index i is the picture OpenCV returns as frame i
-  after seeking to the first sampled index, which on variable-frame-rate video can be another picture than the
-  i-th (see opencv_compat); False: index i is always the i-th picture. Raises BadSampleError for any unreadable
-  input. A video too short to hold any sampled index (e.g. one frame) reports "too_few_frames"."""
+  ("zero_frames" when none decode although the reported frame count covers the sampled indices). `threads`: decoder
+  threads (0 = FFmpeg's choice, one per core; use 1-2 per loader worker). `strategy`: "auto" tries "gop" (streamed
+  GOPs, index seeks), then "scan" (open GOPs), then "sequential" (every frame, the reference's order); naming one
+  forces it (no fallback beyond it). All return identical frames. `opencv_seek` (default, the reference): index i is
+  the picture OpenCV returns as frame i after seeking to the first sampled index, which on variable-frame-rate video
+  can be another picture than the i-th (see opencv_compat); False: index i is always the i-th picture. Raises
+  BadSampleError for any unreadable input. A video too short to hold any sampled index (e.g. one frame) reports
+  "too_few_frames"."""
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy {strategy!r}; expected one of {STRATEGIES}")
   name = _name(source)
