@@ -96,13 +96,13 @@ def test_standard_set_equals_opencv(tmp_path):
     np.testing.assert_array_equal(clip.frames, want, err_msg=name)
 
 
-def vfr_issue_video(path, pattern):
+def vfr_issue_video(path, pattern, **kw):
   """200 frames 20-100 ms apart (1 ms ticks), a keyframe every 30 frames."""
   gaps = {"random": np.random.default_rng(3).integers(20, 101, 200),
           "slow_then_fast": np.where(np.arange(200) < 60, 100, 20),
           "fast_then_slow": np.where(np.arange(200) < 60, 20, 100)}[pattern]
   pts = [0] + [int(t) for t in np.cumsum(gaps)[:-1]]
-  return videos.write_video(path, num_frames=200, pts=pts, time_base=fractions.Fraction(1, 1000), gop=30)
+  return videos.write_video(path, num_frames=200, pts=pts, time_base=fractions.Fraction(1, 1000), gop=30, **kw)
 
 
 @pytest.mark.parametrize("pattern", ["random", "slow_then_fast", "fast_then_slow"])
@@ -116,6 +116,16 @@ def test_vfr_clip_numbers_frames_like_opencv(tmp_path, pattern, start_sec, end_s
     np.testing.assert_array_equal(clip.frames, want)
   positions = read_video(path, start_sec=start_sec, end_sec=end_sec, resize=False, opencv_seek=False)
   assert [videos.frame_index_of(f) for f in positions.frames] == positions.indices  # the documented opt-out
+
+
+@pytest.mark.parametrize("name", ["b.mp4", "b.mkv"])
+def test_vfr_clip_with_bframes_like_opencv(tmp_path, name):
+  """B-frames: decode timestamps differ from presentation ones (mp4 seeks by the index, Matroska by cues)."""
+  path = vfr_issue_video(tmp_path / name, "fast_then_slow", bframes=3)
+  want_indices, want = opencv_reference(path, start_sec=2.0, end_sec=12.0)
+  clip = read_video(path, start_sec=2.0, end_sec=12.0, resize=False)
+  assert clip.indices == want_indices
+  np.testing.assert_array_equal(clip.frames, want)
 
 
 def test_vfr_clip_differs_from_decode_positions(tmp_path):
