@@ -6,8 +6,9 @@ The test video is generated with PyAV (H.264, yuv420p, CRF 23, x264 "veryfast": 
 B-pyramid) from synthetic camera-like content: a 1/f-textured scene panning, textured objects moving, mild sensor
 noise and a scene cut every 20 s, so that keyframes cost several times a P-frame to decode, as in real footage
 (pure-noise content makes keyframes unrealistically expensive). It is cached in --cache-dir. Both readers are
-timed on the same decoder thread count; the frames they return are checked to be identical. Prints one JSON
-object.
+timed on the same decoder thread count; the frames they return are checked to be identical. When cv2 is installed
+(requirements-test.txt) the reference itself is timed and checked too ("opencv_read_*"; its own FFmpeg build, so
+its speed differs from the PyAV emulation). Prints one JSON object.
 
   python benchmarks/decode.py --quick                       # seconds: 20 s 320x180 video
   python benchmarks/decode.py                               # 7 min 1280x720 30 fps, GOPs 250 (x264 default) and 60
