@@ -6,8 +6,9 @@ The test video is generated with PyAV (H.264, yuv420p, CRF 23, x264 "veryfast": 
 B-pyramid) from synthetic camera-like content: a 1/f-textured scene panning, textured objects moving, mild sensor
 noise and a scene cut every 20 s, so that keyframes cost several times a P-frame to decode, as in real footage
 (pure-noise content makes keyframes unrealistically expensive). It is cached in --cache-dir. Both readers are
-timed on the same decoder thread count; the frames they return are checked to be identical. Prints one JSON
-object.
+timed on the same decoder thread count; the frames they return are checked to be identical. When cv2 is installed
+(requirements-test.txt) the reference itself is timed and checked too ("opencv_read_*"; its own FFmpeg build, so
+its speed differs from the PyAV emulation). Prints one JSON object.
 
   python benchmarks/decode.py --quick                       # seconds: 20 s 320x180 video
   python benchmarks/decode.py                               # 7 min 1280x720 30 fps, GOPs 250 (x264 default) and 60
@@ -25,6 +26,7 @@ import time
 import av
 import numpy as np
 
+from data_pipeline import opencv_compat
 from data_pipeline.preprocess import resize_frames
 from data_pipeline.video import probe_video, read_video, sample_frame_indices
 
@@ -94,7 +96,8 @@ def cached_video(cache_dir: str, **kw) -> str:
 
 
 def reference_read(path: str, num_frames: int, threads: int) -> np.ndarray:
-  """The reference's reader: decode every frame in order, convert every frame to RGB, keep the sampled ones."""
+  """The reference's reader with PyAV: decode every frame in order, convert every frame as OpenCV's `read` does
+  (swscale to BGR24), keep the sampled ones (flipped to RGB)."""
   info = probe_video(path)
   wanted = set(sample_frame_indices(info.native_fps, info.frame_count, num_frames, 1.0))
   kept = []
@@ -103,11 +106,32 @@ def reference_read(path: str, num_frames: int, threads: int) -> np.ndarray:
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = threads
     for index, frame in enumerate(container.decode(stream)):
-      rgb = frame.to_ndarray(format="rgb24", interpolation="BICUBIC")
+      bgr = frame.to_ndarray(**opencv_compat.CONVERT_OPTIONS)
       if index in wanted:
-        kept.append(rgb)
+        kept.append(bgr[..., ::-1])
       if index >= max(wanted):
         break
+  return np.stack(kept)
+
+
+def opencv_read(path: str, num_frames: int, threads: int) -> np.ndarray | None:
+  """The reference itself (SPEC §1.1 with cv2, CAP_PROP_N_THREADS = threads); None without opencv installed."""
+  try:
+    import cv2
+  except ImportError:
+    return None
+  cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, threads])
+  indices = sample_frame_indices(cap.get(cv2.CAP_PROP_FPS), cap.get(cv2.CAP_PROP_FRAME_COUNT), num_frames, 1.0)
+  wanted = set(indices)
+  cap.set(cv2.CAP_PROP_POS_FRAMES, float(indices[0]))
+  kept, number = [], indices[0]
+  ok, bgr = cap.read()
+  while ok and number <= indices[-1]:
+    if number in wanted:
+      kept.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    ok, bgr = cap.read()
+    number += 1
+  cap.release()
   return np.stack(kept)
 
 
@@ -159,6 +183,9 @@ def main():
       our_read = _time(lambda: read_video(path, resize=False, **kw), args.repeats)
       if not np.array_equal(our_read["out"].frames, ref_read["out"]):
         raise SystemExit(f"decoded frames differ from the sequential reference (gop {gop}, threads {threads})")
+      cv_read = _time(lambda: opencv_read(path, args.num_frames, threads), args.repeats)
+      if cv_read["out"] is not None and not np.array_equal(our_read["out"].frames, cv_read["out"]):
+        raise SystemExit(f"decoded frames differ from OpenCV's (gop {gop}, threads {threads})")
       ref_clip = _time(lambda: resize_frames(reference_read(path, args.num_frames, threads), args.image_size),
                        args.repeats)
       our_clip = _time(lambda: read_video(path, image_size=args.image_size, **kw), args.repeats)
@@ -173,6 +200,11 @@ def main():
           "read_s": r3(our_read["wall_s"]), "reference_read_s": r3(ref_read["wall_s"]),
           "read_speedup": round(ref_read["wall_s"] / our_read["wall_s"], 2),
           "read_speedup_cpu": round(ref_read["cpu_s"] / our_read["cpu_s"], 2),
+          # cv2 itself (its own FFmpeg build), when installed
+          **({"opencv_read_s": r3(cv_read["wall_s"]),
+              "opencv_read_speedup": round(cv_read["wall_s"] / our_read["wall_s"], 2),
+              "opencv_read_speedup_cpu": round(cv_read["cpu_s"] / our_read["cpu_s"], 2)}
+             if cv_read["out"] is not None else {}),
           # the full clip as the loader gets it (also resized to image_size), on both sides
           "clip_s": r3(our_clip["wall_s"]), "clip_from_bytes_s": r3(our_bytes["wall_s"]),
           "reference_clip_s": r3(ref_clip["wall_s"]),

@@ -36,7 +36,7 @@ from data_pipeline import stats as stats_lib
 from data_pipeline import tfds_builder
 from data_pipeline.errors import BadSampleError
 from data_pipeline.image import DEFAULT_PINPOINTS, read_image_crops
-from data_pipeline.preprocess import normalize
+from data_pipeline.preprocess import dummy_image, normalize
 from data_pipeline.prompt import tokenize_sample
 from data_pipeline.tokenizer import load_tokenizer, pad_token_id
 from data_pipeline.tsv_frames import read_frame_list
@@ -150,7 +150,7 @@ class SampleProcessor:
                              f"data.max_images {s.max_images}")
       expected_placeholders = len(frames)
     elif modality == "text":
-      frames = np.zeros((1, s.image_size, s.image_size, 3), np.uint8)
+      frames = dummy_image(s.image_size, s.normalize_on_host)
       expected_placeholders = 1
     else:
       raise BadSampleError("bad_conversation", f"unknown modality {modality!r}")
@@ -163,7 +163,7 @@ class SampleProcessor:
                            f"{expected_placeholders} for this {modality} sample ({len(frames)} frames/crops)")
     sample = fit_text({k: np.asarray(tokens[k], np.int32) for k in ("input_ids", "labels", "token_frame")},
                       s.max_text_len)
-    if s.normalize_on_host:
+    if s.normalize_on_host and frames.dtype == np.uint8:
       frames = normalize(frames)
     n = len(frames)
     sample.update(

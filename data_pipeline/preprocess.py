@@ -38,3 +38,15 @@ def normalize(frames: np.ndarray) -> np.ndarray:
   if frames.dtype != np.uint8:
     raise ValueError(f"normalize: expected uint8 pixels, got {frames.dtype}")
   return NORMALIZE_TABLE[frames]
+
+
+DUMMY_GREY = 128
+"""uint8 level of the text-only dummy image: the reference feeds 0.0 after normalisation (mid-grey, SPEC §1.7),
+which no uint8 level gives; 128 is the nearest (+1/255). With normalize_on_host the dummy is exactly 0.0."""
+
+
+def dummy_image(image_size: int, normalized: bool) -> np.ndarray:
+  """The text-only sample's one image [1, S, S, 3]: float32 zeros when `normalized`, else uint8 DUMMY_GREY."""
+  if normalized:
+    return np.zeros((1, image_size, image_size, 3), np.float32)
+  return np.full((1, image_size, image_size, 3), DUMMY_GREY, np.uint8)

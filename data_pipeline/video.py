@@ -5,18 +5,22 @@ Frame rate and count follow OpenCV's FFmpeg backend, which the reference reads t
   FCOUNT = stream.frames (nb_frames), else floor(duration_s * FPS + 0.5), with duration_s from the container,
            else from the stream (OpenCV's get_total_frames / get_duration_sec).
 A frame's index is its position in decoder output order counted from the first frame, as OpenCV's sequential
-reads count it; for variable-frame-rate video that is the i-th frame, not the frame at time i/FPS.
+reads count it; for variable-frame-rate video that is the i-th frame, not the frame at time i/FPS. Exception, as
+in the reference: after its CAP_PROP_POS_FRAMES seek to the first sampled index, OpenCV numbers frames from the
+landing keyframe's timestamp, which on variable-frame-rate clips shifts every index by a constant
+(`opencv_compat.seek_offset`; `opencv_seek=False` opts out).
 
-Decoding ("gop" strategy): packets are read one GOP (keyframe to keyframe) at a time and each frame's index is
-its presentation rank. A GOP holding no sampled frame is never decoded; in the others, decoding stops after the
-last sampled frame, and H.264 / HEVC pictures no other picture references (nal_ref_idc = 0, single-layer
-sub-layer non-reference NAL types) are dropped unless sampled. Only sampled frames are converted to RGB (BT.601
-matrix, bicubic chroma, as OpenCV's swscale call does), rotated upright (display matrix or legacy `rotate` tag;
-OpenCV >= 4.5 auto-rotates the same way by default) and resized. Streams this cannot index safely (missing
-timestamps, no leading keyframe) fall back to decoding every frame in order and counting ("sequential"), the
-reference's method. Open GOPs (leading pictures that reference the previous GOP, as x265 and MPEG-4 Part 2 B-frames
-make) use "scan": one demux-only pass ranks every frame, then only the packet runs sampled frames need are decoded.
-Memory is bounded by one GOP of packets (plus one small tuple per packet for "scan") and the sampled frames.
+Decoding ("gop" strategy): packets are read one GOP (keyframe to keyframe) at a time and each frame's index is its
+presentation rank. A GOP holding no sampled frame is never decoded; in the others, decoding stops after the last
+sampled frame, and H.264 / HEVC pictures no other picture references (nal_ref_idc = 0, single-layer sub-layer
+non-reference NAL types) are dropped unless sampled. Only sampled frames are converted to RGB, exactly as OpenCV
+converts them (`opencv_compat.to_rgb`: BGR24 via swscale without colour metadata), rotated upright (display matrix
+or legacy `rotate` tag, as OpenCV does with CAP_PROP_ORIENTATION_AUTO; the opencv-python 4.11 wheel leaves that off
+by default and returns the stored orientation) and resized. Streams this cannot index safely (missing timestamps, no
+leading keyframe) fall back to decoding every frame in order and counting ("sequential"), the reference's method.
+Open GOPs (leading pictures that reference the previous GOP, as x265 and MPEG-4 Part 2 B-frames make) use "scan":
+one demux-only pass ranks every frame, then only the packet runs sampled frames need are decoded. Memory is bounded
+by one GOP of packets (plus one small tuple per packet for "scan") and the sampled frames.
 """
 
 import bisect
@@ -28,11 +32,11 @@ import os
 import av
 import numpy as np
 
+from data_pipeline import opencv_compat
 from data_pipeline.errors import BadSampleError
 from data_pipeline.preprocess import resize_image
 
 STRATEGIES = ("auto", "gop", "scan", "sequential")
-RGB_OPTIONS = dict(format="rgb24", src_colorspace="ITU601", interpolation="BICUBIC")
 
 
 def sample_frame_indices(native_fps: float, frame_count: int, num_frames: int | None = 420, fps: float = 1.0,
@@ -216,7 +220,7 @@ class _Collector:
   def add(self, index: int, frame) -> None:
     if index not in self.wanted or index in self.frames:
       return
-    rgb = frame.to_ndarray(**RGB_OPTIONS)
+    rgb = opencv_compat.to_rgb(frame)
     turns = round((frame.rotation or self.legacy_rotate) / 90) % 4
     if turns:
       rgb = np.ascontiguousarray(np.rot90(rgb, turns))
@@ -467,16 +471,48 @@ def _decode(source, wanted: list[int], image_size: int | None, threads: int, str
       container.close()
 
 
+def _seek_offset(source, info: VideoInfo, target: int) -> int:
+  """Position minus OpenCV's frame number after the reference's `CAP_PROP_POS_FRAMES = target` seek
+  (opencv_compat.seek_offset), from a demux-only pass that stops after the first keyframe past the seek time."""
+  if target - 16 <= 0:
+    return 0  # OpenCV seeks to the start: numbers are positions
+  container, stream = _open(source)
+  try:
+    time_base = float(stream.time_base)
+    start = stream.start_time or 0
+    stamp = start + int((target - 16) / info.native_fps / time_base + 0.5)
+    packets = []
+    for packet in container.demux(stream):
+      if packet.pts is None:
+        if packet.size == 0:
+          continue
+        return 0  # no timestamps: OpenCV cannot seek by time either; keep positions
+      seek_ts = packet.dts if packet.dts is not None else packet.pts
+      if packet.is_keyframe and seek_ts > stamp and packets:
+        break
+      packets.append((packet.pts, packet.dts, packet.is_keyframe, not packet.is_discard))
+  except av.FFmpegError:
+    return 0
+  finally:
+    container.close()
+  return opencv_compat.seek_offset(packets, target, info.native_fps, info.frame_count, start, time_base)
+
+
 def read_video(source: str | os.PathLike | bytes, *, num_frames: int | None = 420, fps: float = 1.0,
                image_size: int = 384, resize: bool = True, min_frames: int = 2, threads: int = 0,
-               start_sec: float | None = None, end_sec: float | None = None, strategy: str = "auto") -> VideoClip:
+               start_sec: float | None = None, end_sec: float | None = None, strategy: str = "auto",
+               opencv_seek: bool = True) -> VideoClip:
   """Decode the frames SPEC §1.1 samples from a file path or encoded bytes, upright and RGB.
 
   Fewer than `min_frames` frames: retry once at fps+1 (SPEC §1.1.7), then BadSampleError("too_few_frames")
-  ("zero_frames" when none decode). `threads`: decoder threads (0 = FFmpeg's choice, one per core; use 1-2 per
-  loader worker). `strategy`: "auto" tries "gop" (streamed GOPs, index seeks), then "scan" (open GOPs), then
-  "sequential" (every frame, the reference's order); naming one forces it (no fallback beyond it). All return
-  identical frames. Raises BadSampleError for any unreadable input."""
+  ("zero_frames" when none decode although the reported frame count covers the sampled indices). `threads`: decoder
+  threads (0 = FFmpeg's choice, one per core; use 1-2 per loader worker). `strategy`: "auto" tries "gop" (streamed
+  GOPs, index seeks), then "scan" (open GOPs), then "sequential" (every frame, the reference's order); naming one
+  forces it (no fallback beyond it). All return identical frames. `opencv_seek` (default, the reference): index i is
+  the picture OpenCV returns as frame i after seeking to the first sampled index, which on variable-frame-rate video
+  can be another picture than the i-th (see opencv_compat); False: index i is always the i-th picture. Raises
+  BadSampleError for any unreadable input. A video too short to hold any sampled index (e.g. one frame) reports
+  "too_few_frames"."""
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy {strategy!r}; expected one of {STRATEGIES}")
   name = _name(source)
@@ -490,10 +526,13 @@ def read_video(source: str | os.PathLike | bytes, *, num_frames: int | None = 42
   frames = {}
   for rate in attempts:
     indices = sample_frame_indices(info.native_fps, info.frame_count, num_frames, rate, start_sec, end_sec)
-    frames = _decode(source, indices, size, threads, strategy) if indices else {}
+    offset = _seek_offset(source, info, indices[0]) if indices and opencv_seek else 0
+    decoded = _decode(source, [i + offset for i in indices], size, threads, strategy) if indices else {}
+    frames = {position - offset: frame for position, frame in decoded.items()}
     if len(frames) >= min_frames:
       break
-  if not frames:
+  too_short = info.frame_count > 0 and bool(indices) and min(indices) >= info.frame_count  # e.g. one frame
+  if not frames and not too_short:
     raise BadSampleError("zero_frames", f"no frame decodes at the sampled indices (FPS {info.native_fps:.3f}, "
                          f"{info.frame_count} frames reported)", name)
   if len(frames) < min_frames:

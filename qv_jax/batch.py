@@ -7,7 +7,7 @@ F = a frame bucket from data.frame_buckets, S = data.image_size, L = data.max_te
 |---------------|---------|-----------------|---------|
 | frames        | uint8   | [B, F, S, S, 3] | RGB frames (video) or anyres crops (image sample), zero-padded past `num_frames`. float32 in [-1, 1] instead when data.normalize_on_host |
 | num_frames    | int32   | [B]             | valid frames (video) or crops/images (image sample), ≥ 1 |
-| modality      | int32   | [B]             | MODALITY_VIDEO or MODALITY_IMAGE (text-only samples are image samples with one all-zero dummy image) |
+| modality      | int32   | [B]             | MODALITY_VIDEO or MODALITY_IMAGE (text-only samples are image samples with one mid-grey dummy image: uint8 128, or 0.0 when data.normalize_on_host; `preprocess.dummy_image`) |
 | input_ids     | int32   | [B, L]          | pre-merge ids: the reference's token sequence *before* cube merging, `<image>` placeholders as IMAGE_TOKEN_INDEX (-200), right-padded with the pad id |
 | labels        | int32   | [B, L]          | the reference's labels for input_ids (IGNORE_INDEX = -100 where unsupervised, on placeholders and padding) |
 | token_frame   | int32   | [B, L]          | video samples: f ≥ 0 on frame f's `<image>` placeholder and on the timestamp tokens `{ts_f}` that precede it; -1 elsewhere (text, the thumbnail placeholder, padding, all of an image sample) |

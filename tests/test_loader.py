@@ -137,7 +137,7 @@ def _reference_row(world, config, index):
     tokens = tokenize_sample(sample["conversations"], modality="image", tokenizer=tok, template=d.template,
                              crops_per_image=[len(frames)])
   else:
-    frames = np.zeros((1, d.image_size, d.image_size, 3), np.uint8)
+    frames = np.full((1, d.image_size, d.image_size, 3), 128, np.uint8)  # mid-grey: 0 after normalisation
     timestamps, modality = [0.0], MODALITY_IMAGE
     tokens = tokenize_sample(sample["conversations"], modality="text", tokenizer=tok, template=d.template)
   return frames, np.asarray(timestamps, np.float32), modality, tokens, pad_token_id(tok)
