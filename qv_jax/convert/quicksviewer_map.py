@@ -290,6 +290,7 @@ def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.n
   checked by a dry run of the mapping on zero-byte stand-ins (`SHAPE_ONLY`) of the header shapes.
   """
   start = time.perf_counter()
+  where = " ".join([f"{layout} checkpoint"] + ([str(reader.path)] if hasattr(reader, "path") else []))
   table, ignore = layout_table(layout, model_config)
   expected = expected_shapes(layout, model_config)
   names = reader.names()
@@ -310,7 +311,7 @@ def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.n
     problems.append("targets the model does not have (from source tensors):\n" +
                     "\n".join(f"  {p} <- {owner[p][:3]}" for p in extra))
   if problems:
-    raise MappingError(f"{layout} checkpoint does not match the model config:\n" + "\n".join(problems))
+    raise MappingError(f"{where} does not match the model config:\n" + "\n".join(problems))
 
   vocab = int(model_config.decoder.vocab_size) if "decoder" in LAYOUT_PARTS[layout] else None
   first = {n: i for i, n in enumerate(names)}
@@ -331,7 +332,7 @@ def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.n
         failures.append(str(e).replace("checkpoint does not match the model:\n", "") +
                         "\n  from:\n" + _fmt_source(group.names, reader.shape, reader.dtype) + hint)
     if failures:
-      raise MappingError(f"{layout} checkpoint does not match the model config:\n" + "\n".join(failures))
+      raise MappingError(f"{where} does not match the model config:\n" + "\n".join(failures))
     return mapped
 
   def shape_only(name: str) -> np.ndarray:
