@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     make_checkpoint(src, rows)
     proc = subprocess.run([sys.executable, "-c", CHILD, "--source", str(src), "--output", str(out), "--quiet",
                            "--size", "tiny"], capture_output=True, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=args.code))
+                          cwd=args.code, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=args.code))
   lines = proc.stdout.strip().splitlines()
   if not lines:
     raise SystemExit(f"the conversion crashed:\n{proc.stderr[-3000:]}")
