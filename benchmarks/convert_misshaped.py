@@ -50,8 +50,9 @@ def main(argv=None) -> None:
   p.add_argument("--code", default=str(Path(__file__).resolve().parents[1]),
                  help="checkout whose qv_jax converts (default: this one)")
   p.add_argument("--gib", type=float, default=1.0, help="lm_head size in GiB (bf16 on disk)")
+  p.add_argument("--quick", action="store_true", help="a 0.1 GiB lm_head")
   args = p.parse_args(argv)
-  rows = int(args.gib * 2**30 / (64 * 2))
+  rows = int((0.1 if args.quick else args.gib) * 2**30 / (64 * 2))
   with tempfile.TemporaryDirectory(prefix="qv_convert_misshaped_") as tmp:
     src, out = Path(tmp) / "source", Path(tmp) / "converted"
     src.mkdir()
