@@ -52,7 +52,7 @@ def check_output(sources: Sequence[Path], output: Path, overwrite: bool) -> Path
     root = _source_dir(source)
     if real == root or real.is_relative_to(root) and source.is_dir():
       raise FileExistsError(f"--output {output} is inside --source {source}; write the conversion elsewhere")
-    if real == source.resolve() or root.is_relative_to(real):
+    if root.is_relative_to(real):
       raise FileExistsError(f"--source {source} is inside --output {output}; write the conversion elsewhere")
   if os.path.lexists(output):
     if not real.is_dir():
@@ -63,8 +63,8 @@ def check_output(sources: Sequence[Path], output: Path, overwrite: bool) -> Path
                             "replace an earlier conversion there")
     foreign = [n for n in present if n not in OUTPUT_FILES]
     if foreign:
-      raise FileExistsError(f"--output {output} holds files a conversion does not write ({', '.join(foreign[:5])}); "
-                            "refusing to replace it, even with --overwrite")
+      raise FileExistsError(f"--output {output} holds files a conversion does not write "
+                            f"({', '.join(foreign[:5])}); refusing to replace it, even with --overwrite")
   return real
 
 
@@ -75,7 +75,8 @@ def _verify(staging: Path, written: dict[str, tuple[tuple[int, ...], str]]) -> N
   read_config(staging)
   expected = {p: tuple(shape) for p, (shape, _) in written.items()}
   listed = {p: tuple(shape) for p, (shape, _) in converted_params(staging).items()}
-  stored = {p: tuple(m.shape) for p, m in flatten(ocp.metadata(staging / PARAMS_DIR, checkpointable_name=None).metadata).items()}
+  tree = ocp.metadata(staging / PARAMS_DIR, checkpointable_name=None).metadata
+  stored = {p: tuple(m.shape) for p, m in flatten(tree).items()}
   if listed != expected or stored != expected:
     raise MappingError(f"{staging}: the written checkpoint does not hold the converted params; "
                        "conversion aborted, nothing was replaced")

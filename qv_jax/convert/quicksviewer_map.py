@@ -11,9 +11,9 @@ Layouts (targets are whole-model param paths, so partial conversions combine):
 `convert_tensors` streams: it plans which source tensors make which target param (names only), checks
 that nothing is unmatched, missing, extra or mis-shaped (from the headers) before reading a byte,
 then builds one target param at a time (a stacked [L, ...] param filled in place from its L layer
-tensors), hands it to a sink (the orbax writer, which saves it without a copy) and drops it. Peak memory is about the largest target param plus a
-few layer tensors (a transposed non-stacked tensor such as lm_head briefly costs twice its size), never
-the model.
+tensors), hands it to a sink (the orbax writer, which saves it without a copy) and drops it. Peak memory
+is about the largest target param plus a few layer tensors (a transposed non-stacked tensor such as
+lm_head briefly costs twice its size), never the model.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@
 set listed by `model.safetensors.index.json`) or a single `.safetensors` file. Only the JSON headers
 are read up front; `load(name)` seeks to one tensor and reads exactly its bytes, so the memory held is
 one tensor (the OS page cache is not process memory). Pickled checkpoints (`*.bin`, `*.pt`, `*.pth`,
-`*.ckpt`) are refused: unpickling can run arbitrary code.
+`*.ckpt`) are refused: unpickling can run arbitrary code. Every file opened (index, shards,
+config.json) must be a regular file resolving inside the source directory (`source_roots`), checked
+before it is opened, and every header is validated (`read_header`) before any tensor is read.
 
 The safetensors format: an 8-byte little-endian header length n, n bytes of JSON
 {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw little-endian
@@ -105,7 +107,8 @@ def checked_file(file: Path, roots: tuple[Path, ...] | None, what: str) -> Path:
   except FileNotFoundError:
     raise CheckpointReadError(f"{file}: {what} does not exist") from None
   except (OSError, RuntimeError) as e:
-    raise CheckpointReadError(f"{file}: cannot resolve the {what} ({getattr(e, 'strerror', None) or e})") from None
+    reason = getattr(e, "strerror", None) or e
+    raise CheckpointReadError(f"{file}: cannot resolve the {what} ({reason})") from None
   if roots is not None and not any(real == r or real.is_relative_to(r) for r in roots):
     raise CheckpointReadError(f"{file}: {what} resolves to {real}, outside the source directory {roots[0]}; "
                               "refusing to open it")
@@ -161,7 +164,7 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_layout(file: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+def _check_tiling(file: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
   """The tensors must tile the data section exactly, as the safetensors library requires: sorted by
   offset, each starts where the previous ends (no overlap, no gap) and the last ends at the file's end."""
   at, previous = 0, None
@@ -201,7 +204,8 @@ def read_header(file: Path) -> tuple[dict[str, _Entry], dict]:
   try:
     header = json.loads(raw)
   except json.JSONDecodeError as e:
-    raise CheckpointReadError(f"{file}: corrupt safetensors header (invalid JSON: {e.msg} at byte {e.pos})") from None
+    raise CheckpointReadError(f"{file}: corrupt safetensors header (invalid JSON: {e.msg} at byte "
+                              f"{e.pos})") from None
   except UnicodeDecodeError as e:
     raise CheckpointReadError(f"{file}: corrupt safetensors header (not UTF-8 at byte {e.start})") from None
   del raw
@@ -214,7 +218,7 @@ def read_header(file: Path) -> tuple[dict[str, _Entry], dict]:
                               f"{_kind(metadata)})")
   base = 8 + n
   parsed = {name: _parse_entry(file, name, info) for name, info in header.items()}
-  _check_layout(file, [(begin, end, name) for name, (_, _, begin, end) in parsed.items()], size - base)
+  _check_tiling(file, [(begin, end, name) for name, (_, _, begin, end) in parsed.items()], size - base)
   entries = {name: _Entry(file, dtype, shape, base + begin, base + end)
              for name, (dtype, shape, begin, end) in parsed.items()}
   return entries, metadata
