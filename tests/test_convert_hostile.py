@@ -310,3 +310,34 @@ def test_a_decoder_whose_width_suits_no_compressor_converts(tmp_path):
   config, params = load_converted(tmp_path / "out", part="decoder")
   assert config.model.decoder.hidden_size == 72 and config.model.decoder.head_dim == 18
   np.testing.assert_array_equal(params["lm_head"]["kernel"], tensors["lm_head.weight"].T)
+
+
+def test_a_conversion_that_does_not_read_back_is_not_committed(tmp_path, monkeypatch):
+  from qv_jax.convert import cli
+  tiny_decoder(tmp_path / "src")
+  write = cli.write_metadata
+
+  def lossy(directory, config, report):
+    report["params"].pop("decoder/norm/scale")
+    write(directory, config, report)
+
+  monkeypatch.setattr(cli, "write_metadata", lossy)
+  with pytest.raises(MappingError, match="does not hold the converted params"):
+    convert(tmp_path / "src", tmp_path / "out", size="tiny", progress=False)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_file_source_may_be_a_link_but_its_config_json_may_not_leave_its_folder(tmp_path, secret):
+  tensors = tiny_decoder(tmp_path / "store")
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "model.safetensors").symlink_to(tmp_path / "store" / "model.safetensors")
+  (src / "config.json").write_bytes((tmp_path / "store" / "config.json").read_bytes())
+  convert(src / "model.safetensors", tmp_path / "out", progress=False)
+  _, params = load_converted(tmp_path / "out", part="decoder")
+  np.testing.assert_array_equal(params["norm"]["scale"], tensors["model.norm.weight"])
+  (src / "config.json").unlink()
+  (src / "config.json").symlink_to(secret / "config.json")
+  with pytest.raises(CheckpointReadError, match="outside the source directory") as info:
+    convert(src / "model.safetensors", tmp_path / "out2", progress=False)
+  assert SECRET not in str(info.value) and not (tmp_path / "out2").exists()

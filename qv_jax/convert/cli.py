@@ -88,7 +88,11 @@ def _commit(staging: Path, output: Path) -> None:
   old = None
   if output.exists() and any(output.iterdir()):
     old = Path(tempfile.mkdtemp(prefix=f".{output.name}.previous-", dir=output.parent))
-    os.rename(output, old)
+    try:
+      os.rename(output, old)
+    except BaseException:
+      old.rmdir()
+      raise
   try:
     os.rename(staging, output)
   except BaseException:
