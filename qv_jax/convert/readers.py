@@ -184,15 +184,17 @@ def _check_tiling(file: Path, spans: list[tuple[int, int, str]], data_size: int)
                               "(corrupt header)")
 
 
-def read_header(file: Path) -> tuple[dict[str, _Entry], dict]:
+def read_header(real: Path, file: Path | None = None) -> tuple[dict[str, _Entry], dict]:
   """Parses and checks one safetensors header: ({name: entry}, metadata). Every entry is validated
   (types, non-negative dims, offsets tiling the data section, which must fit the file) before any
-  tensor is read, so no later read or allocation exceeds the bytes the file holds."""
-  st = os.stat(file)
+  tensor is read, so no later read or allocation exceeds the bytes the file holds. `real` is opened;
+  `file` (default `real`) is the name entries and messages carry (a shard's name, not its link target)."""
+  file = real if file is None else file
+  st = os.stat(real)
   if not stat.S_ISREG(st.st_mode):
     raise CheckpointReadError(f"{file}: not a regular file; refusing to open it")
   size = st.st_size
-  with open(file, "rb") as f:
+  with open(real, "rb") as f:
     raw = f.read(8)
     if len(raw) < 8:
       raise CheckpointReadError(f"{file}: not a safetensors file (shorter than 8 bytes)")
@@ -242,9 +244,7 @@ class SafetensorsReader:
     self._entries: dict[str, _Entry] = {}
     self.metadata: dict = {}
     for file in self.files:
-      entries, metadata = read_header(self._real[file])
-      for e in entries.values():
-        e.file = file
+      entries, metadata = read_header(self._real[file], file)
       clash = sorted(set(entries) & set(self._entries))
       if clash:
         raise CheckpointReadError(f"{file}: tensors {clash[:10]} also appear in "
