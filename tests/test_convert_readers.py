@@ -60,12 +60,14 @@ def test_sharded_directory_follows_the_index(tmp_path):
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "weights.pth", "last.ckpt"])
 def test_pickled_checkpoints_are_refused(tmp_path, name, capsys):
-  torch.save({"w": torch.zeros(2)}, tmp_path / name)
+  src = tmp_path / "src"
+  src.mkdir()
+  torch.save({"w": torch.zeros(2)}, src / name)
   with pytest.raises(PickledCheckpointError, match=f"refusing pickled checkpoint file.*{name}"):
-    SafetensorsReader(tmp_path)
+    SafetensorsReader(src)
   with pytest.raises(PickledCheckpointError, match=name):
-    SafetensorsReader(tmp_path / name)
-  assert main(["--source", str(tmp_path), "--output", str(tmp_path / "out"), "--quiet"]) == 2
+    SafetensorsReader(src / name)
+  assert main(["--source", str(src), "--output", str(tmp_path / "out"), "--quiet"]) == 2
   assert "refusing pickled" in capsys.readouterr().err
   assert not (tmp_path / "out" / "params").exists()
 

@@ -3,17 +3,18 @@
 from qv_jax.config.data import validate_data
 from qv_jax.config.errors import require
 from qv_jax.config.mesh import validate_mesh
-from qv_jax.config.model import validate_model
+from qv_jax.config.model import MODEL_PARTS, validate_model
 from qv_jax.config.sizes import check_size
 from qv_jax.config.train import validate_train
 
 
-def validate(config):
-  """Checks a whole config; raises `ConfigError` naming the first bad field. Returns the config."""
+def validate(config, parts=MODEL_PARTS):
+  """Checks a whole config; raises `ConfigError` naming the first bad field. Returns the config.
+  parts: the model parts to check (a conversion checks only the parts it converts)."""
   for section in ("model", "data", "mesh", "train"):
     require(section in config, section, "missing section")
   check_size(config.model.size)
-  validate_model(config.model)
+  validate_model(config.model, parts)
   validate_data(config.data, config.model)
   validate_mesh(config.mesh)
   validate_train(config.train)

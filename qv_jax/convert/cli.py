@@ -16,6 +16,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,27 +25,82 @@ import numpy as np
 
 from qv_jax.config import ConfigError
 from qv_jax.convert.mapping import MappingError
-from qv_jax.convert.quicksviewer_map import (LAYOUTS, ConversionReport, convert_tensors, derive_config,
-                                             detect_layout)
+from qv_jax.convert.quicksviewer_map import (LAYOUTS, ConversionReport, convert_tensors, converted_parts,
+                                             derive_config, detect_layout)
 from qv_jax.convert.readers import CheckpointReadError, SafetensorsReader, read_config_json
-from qv_jax.convert.writer import (CONFIG_FILE, PARAMS_DIR, REPORT_FILE, ParamWriter, load_converted,
-                                   write_metadata)
+from qv_jax.convert.writer import (CONFIG_FILE, PARAMS_DIR, REPORT_FILE, ParamWriter, converted_params,
+                                   flatten, load_converted, read_config, write_metadata)
 
 DTYPES = {"keep": None, "float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 
 __all__ = ["convert", "load_converted", "main"]
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
-  ours = [output / PARAMS_DIR, output / CONFIG_FILE, output / REPORT_FILE]
-  if any(p.exists() for p in ours):
-    if not overwrite:
-      raise FileExistsError(f"{output} already holds a converted checkpoint; pass --overwrite to replace it")
-    for p in ours:
-      if p.is_dir():
-        shutil.rmtree(p)
-      elif p.exists():
-        p.unlink()
+OUTPUT_FILES = (PARAMS_DIR, CONFIG_FILE, REPORT_FILE)
+
+
+def _source_dir(source: Path) -> Path:
+  return (source if source.is_dir() else source.parent).resolve()
+
+
+def check_output(sources: Sequence[Path], output: Path, overwrite: bool) -> Path:
+  """Refuses an output that would overwrite or sit inside a source (or hold one), a non-empty output
+  without `overwrite`, and with it any output holding files no conversion writes. Returns the output's
+  real path."""
+  real = output.resolve()
+  for source in sources:
+    root = _source_dir(source)
+    if real == root or real.is_relative_to(root) and source.is_dir():
+      raise FileExistsError(f"--output {output} is inside --source {source}; write the conversion elsewhere")
+    if root.is_relative_to(real):
+      raise FileExistsError(f"--source {source} is inside --output {output}; write the conversion elsewhere")
+  if os.path.lexists(output):
+    if not real.is_dir():
+      raise FileExistsError(f"--output {output} exists and is not a directory")
+    present = sorted(p.name for p in real.iterdir())
+    if present and not overwrite:
+      raise FileExistsError(f"--output {output} is not empty ({', '.join(present[:5])}); pass --overwrite to "
+                            "replace an earlier conversion there")
+    foreign = [n for n in present if n not in OUTPUT_FILES]
+    if foreign:
+      raise FileExistsError(f"--output {output} holds files a conversion does not write "
+                            f"({', '.join(foreign[:5])}); refusing to replace it, even with --overwrite")
+  return real
+
+
+def _verify(staging: Path, written: dict[str, tuple[tuple[int, ...], str]]) -> None:
+  """The staged conversion reads back: its config validates and conversion.json and the orbax metadata
+  list exactly the params written, with their shapes."""
+  from orbax.checkpoint.experimental import v1 as ocp
+  read_config(staging)
+  expected = {p: tuple(shape) for p, (shape, _) in written.items()}
+  listed = {p: tuple(shape) for p, (shape, _) in converted_params(staging).items()}
+  tree = ocp.metadata(staging / PARAMS_DIR, checkpointable_name=None).metadata
+  stored = {p: tuple(m.shape) for p, m in flatten(tree).items()}
+  if listed != expected or stored != expected:
+    raise MappingError(f"{staging}: the written checkpoint does not hold the converted params; "
+                       "conversion aborted, nothing was replaced")
+
+
+def _commit(staging: Path, output: Path) -> None:
+  """Renames the finished staging directory to `output`; a previous conversion there is moved aside
+  first and deleted only once the new one is in place."""
+  old = None
+  if output.exists() and any(output.iterdir()):
+    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.previous-", dir=output.parent))
+    try:
+      os.rename(output, old)
+    except BaseException:
+      old.rmdir()
+      raise
+  try:
+    os.rename(staging, output)
+  except BaseException:
+    if old is not None:
+      os.rename(old, output)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def convert(sources: str | os.PathLike | Sequence[str | os.PathLike], output: str | os.PathLike, *,
@@ -52,16 +108,23 @@ def convert(sources: str | os.PathLike | Sequence[str | os.PathLike], output: st
             grid_out: int | None = None, overwrite: bool = False, progress: bool = True,
             flush_bytes: int = 64 << 20) -> list[ConversionReport]:
   """Converts one or more checkpoint directories into `output` (what the CLI runs). Returns one report
-  per source. Nothing is left in `output` when it fails."""
+  per source.
+
+  The conversion is written into a hidden sibling directory (`.OUTPUT.converting-*`, on the same file
+  system) and renamed to `output` only once complete and read back; on any failure `output` is left as
+  it was (an earlier conversion there survives a failing `overwrite`)."""
   import ml_dtypes
   if isinstance(sources, (str, os.PathLike)):
     sources = [sources]
+  sources = [Path(s) for s in sources]
   if dtype not in DTYPES:
     raise ValueError(f"--dtype {dtype!r}; expected one of {sorted(DTYPES)}")
   cast = ml_dtypes.bfloat16 if DTYPES[dtype] == "bfloat16" else DTYPES[dtype]
   output = Path(output)
-  readers = [SafetensorsReader(s) for s in sources]
+  real_output = check_output(sources, output, overwrite)
+  readers = []
   try:
+    readers.extend(SafetensorsReader(s) for s in sources)
     layouts, specs = [], []
     for reader in readers:
       config_json = read_config_json(reader.path)
@@ -72,26 +135,37 @@ def convert(sources: str | os.PathLike | Sequence[str | os.PathLike], output: st
     if grid_out:
       config.model.vision.grid_out = config.model.compressor.grid_size = int(grid_out)
       from qv_jax.config import validate
-      validate(config)
-    _prepare_output(output, overwrite)
-    writer = ParamWriter(output, flush_bytes=flush_bytes)
-    reports = []
+      validate(config, converted_parts(layouts))
+    real_output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{real_output.name}.converting-", dir=real_output.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)   # mkdtemp makes it private; the output gets the usual permissions
     try:
-      for reader, lay in zip(readers, layouts):
-        reports.append(convert_tensors(reader, lay, config.model, writer.add, resize_vocab=resize_vocab,
-                                       dtype=cast, progress=progress))
-      writer.finalize()
-    except BaseException:
-      writer.abort()
-      raise
-    params = {}
-    for r in reports:
-      params.update({p: [list(s), d] for p, (s, d) in r.params.items()})
-    write_metadata(output, config, dict(
-        sources=[dict(path=str(rd.path.resolve()), layout=r.layout, mapped={n: list(t) for n, t in r.mapped},
-                      ignored=r.ignored, source_bytes=r.source_bytes, seconds=round(r.seconds, 3))
-                 for rd, r in zip(readers, reports)],
-        dtype=dtype, resize_vocab=resize_vocab, params=params, created=time.strftime("%Y-%m-%dT%H:%M:%S")))
+      writer = ParamWriter(staging, flush_bytes=flush_bytes)
+      reports = []
+      try:
+        for reader, lay in zip(readers, layouts):
+          reports.append(convert_tensors(reader, lay, config.model, writer.add, resize_vocab=resize_vocab,
+                                         dtype=cast, progress=progress))
+        writer.finalize()
+      except BaseException:
+        writer.abort()
+        raise
+      params = {}
+      for r in reports:
+        params.update({p: [list(s), d] for p, (s, d) in r.params.items()})
+      write_metadata(staging, config, dict(
+          sources=[dict(path=str(rd.path.resolve()), layout=r.layout,
+                        mapped={n: list(t) for n, t in r.mapped}, ignored=r.ignored,
+                        source_bytes=r.source_bytes, seconds=round(r.seconds, 3))
+                   for rd, r in zip(readers, reports)],
+          dtype=dtype, resize_vocab=resize_vocab, params=params, created=time.strftime("%Y-%m-%dT%H:%M:%S")))
+      _verify(staging, writer.written)
+      _commit(staging, real_output)
+    finally:
+      if staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
     return reports
   finally:
     for reader in readers:
@@ -124,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports = convert(args.source, args.output, size=args.size, layout=args.layout, dtype=args.dtype,
                       resize_vocab=args.resize_vocab, grid_out=args.grid_out, overwrite=args.overwrite,
                       progress=not args.quiet)
-  except (MappingError, CheckpointReadError, ConfigError, FileExistsError, ValueError) as e:
+  except (MappingError, CheckpointReadError, ConfigError, ValueError, OSError) as e:
     print(f"qv-convert: error: {e}", file=sys.stderr)
     return 2
   for src, r in zip(args.source, reports):

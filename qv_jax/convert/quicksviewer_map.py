@@ -9,11 +9,11 @@ Layouts (targets are whole-model param paths, so partial conversions combine):
                 layers|norm` and `lm_head`                                -> vision_tower/, compressor/, decoder/
 
 `convert_tensors` streams: it plans which source tensors make which target param (names only), checks
-that nothing is unmatched, missing or extra before reading a byte, then builds one target param at a time
-(a stacked [L, ...] param filled in place from its L layer tensors), hands it to a sink (the orbax
-writer, which saves it without a copy) and drops it. Peak memory is about the largest target param plus a
-few layer tensors (a transposed non-stacked tensor such as lm_head briefly costs twice its size), never
-the model.
+that nothing is unmatched, missing, extra or mis-shaped (from the headers) before reading a byte,
+then builds one target param at a time (a stacked [L, ...] param filled in place from its L layer
+tensors), hands it to a sink (the orbax writer, which saves it without a copy) and drops it. Peak memory
+is about the largest target param plus a few layer tensors (a transposed non-stacked tensor such as
+lm_head briefly costs twice its size), never the model.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ QV_VISION_PREFIX = "model.vision_tower.vision_tower."
 QV_COMPRESSOR_PREFIX = "model."
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
+# numpy's empty structured dtype: arrays of any shape that hold no bytes, for mapping shapes alone.
+SHAPE_ONLY = np.dtype([])
+
 _QV_MARKERS = ("model.vision_tower.", "model.vision_resampler.", "model.cubing.")
 _SIGLIP_NAME = re.compile(r"(?:vision_model\.)?(?:embeddings|encoder\.layers)\.")
 _DECODER_NAME = re.compile(r"model\.(?:layers\.\d+|embed_tokens)\.")
@@ -61,6 +64,12 @@ def detect_layout(names: Iterable[str], config_json: Mapping | None = None) -> s
     return "decoder"
   raise MappingError(f"cannot tell the checkpoint layout from its {len(names)} tensor names (e.g. "
                      f"{names[:3]}) or model_type {model_type!r}; pass --layout one of {LAYOUTS}")
+
+
+def converted_parts(layouts: Iterable[str]) -> tuple[str, ...]:
+  """The model parts ("vision_tower", "compressor", "decoder") that sources of these layouts fill."""
+  held = {part for layout in layouts for part in LAYOUT_PARTS[layout]}
+  return tuple(p for p in LAYOUT_PARTS["quicksviewer"] if p in held)
 
 
 def _check_layout(layout: str) -> None:
@@ -116,7 +125,8 @@ def derive_config(sources: Iterable[tuple[str, Mapping | None, Mapping[str, tupl
   {tensor name: shape}). With `size`: the preset of that size (the checkpoints must fit it). Without:
   each part comes from the checkpoint holding it (SigLIP / Qwen2 / Llama config.json fields; for a
   Quicksviewer checkpoint its LLM fields, `vision_config` or the so400m preset, and `num_queries`,
-  `num_heads`), the rest from the matching released size. Validated."""
+  `num_heads`), the rest from the matching released size. Validated for the parts the sources hold only
+  (a decoder of width 72 converts although no compressor could be built on it)."""
   from configs.quicksviewer import get_config
   from qv_jax.config import validate
   from qv_jax.convert.decoder_map import decoder_config_from_hf
@@ -128,8 +138,9 @@ def derive_config(sources: Iterable[tuple[str, Mapping | None, Mapping[str, tupl
       if part in seen:
         raise MappingError(f"two sources hold the {part} ({seen[part]} and {layout} layouts)")
       seen[part] = layout
+  parts = converted_parts(layout for layout, _, _ in sources)
   if size:
-    return validate(get_config(f"size={size}"))
+    return validate(get_config(f"size={size}"), parts)
   decoder, vision, qv_json = None, None, {}
   for layout, config_json, shapes in sources:
     cj = dict(config_json or {})
@@ -161,7 +172,7 @@ def derive_config(sources: Iterable[tuple[str, Mapping | None, Mapping[str, tupl
   c.num_queries = int(qv_json.get("num_queries") or
                       (64 if d.hidden_size >= 1024 else v.grid_out ** 2 // c.thumbnail_pool))
   config.data.image_size = v.image_size
-  return validate(config)
+  return validate(config, parts)
 
 
 # --- vocabulary resizing ---------------------------------------------------------------------------
@@ -274,10 +285,12 @@ def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.n
 
   resize_vocab: resize `model.embed_tokens.weight` / `lm_head.weight` rows to the config's vocab_size
   (`resize_vocab_rows`) when they differ. dtype: cast every param (None keeps the source dtype).
-  Raises `MappingError` listing unmatched source names, missing / extra / duplicated targets (before
-  reading anything) and mis-shaped tensors (source names and shapes included).
+  Raises `MappingError` listing unmatched source names, missing / extra / duplicated targets and
+  mis-shaped tensors (source names and shapes included), all before reading any tensor: shapes are
+  checked by a dry run of the mapping on zero-byte stand-ins (`SHAPE_ONLY`) of the header shapes.
   """
   start = time.perf_counter()
+  where = " ".join([f"{layout} checkpoint"] + ([str(reader.path)] if hasattr(reader, "path") else []))
   table, ignore = layout_table(layout, model_config)
   expected = expected_shapes(layout, model_config)
   names = reader.names()
@@ -298,40 +311,55 @@ def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.n
     problems.append("targets the model does not have (from source tensors):\n" +
                     "\n".join(f"  {p} <- {owner[p][:3]}" for p in extra))
   if problems:
-    raise MappingError(f"{layout} checkpoint does not match the model config:\n" + "\n".join(problems))
+    raise MappingError(f"{where} does not match the model config:\n" + "\n".join(problems))
 
   vocab = int(model_config.decoder.vocab_size) if "decoder" in LAYOUT_PARTS[layout] else None
-
-  def load(name: str) -> np.ndarray:
-    array = reader.load(name)
-    bar.update(reader.nbytes(name))
-    if resize_vocab and name in VOCAB_TENSORS and array.shape[0] != vocab:
-      array = resize_vocab_rows(array, vocab)
-    return array
-
-  params: dict[str, tuple[tuple[int, ...], str]] = {}
-  failures: list[str] = []
-
-  def write(path: str, array) -> None:
-    if not failures:
-      sink(path, array)
-    params[path] = (tuple(array.shape), str(array.dtype))
-
   first = {n: i for i, n in enumerate(names)}
-  mapped = []
-  total = sum(reader.nbytes(n) for g in groups.values() for n in g.names)
-  from tqdm.auto import tqdm
-  with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {layout}", disable=not progress) as bar:
-    for paths, group in sorted(groups.items(), key=lambda kv: first[kv[1].names[0]]):
+  ordered = sorted(groups.items(), key=lambda kv: first[kv[1].names[0]])
+
+  def resized(name: str, shape: tuple[int, ...]) -> bool:
+    return resize_vocab and name in VOCAB_TENSORS and shape[0] != vocab
+
+  def build_all(load, write, cast) -> list:
+    mapped, failures = [], []
+    for paths, group in ordered:
       try:
-        mapped.extend(build_group(table, paths, group, load, expected, write, dtype).mapped)
+        mapped.extend(build_group(table, paths, group, load, expected, write, cast).mapped)
       except MappingError as e:
         hint = ""
         if any(n in VOCAB_TENSORS for n in group.names) and not resize_vocab:
           hint = f"\n  (vocabulary rows differ from vocab_size {vocab}: --resize-vocab adapts them)"
         failures.append(str(e).replace("checkpoint does not match the model:\n", "") +
                         "\n  from:\n" + _fmt_source(group.names, reader.shape, reader.dtype) + hint)
-  if failures:
-    raise MappingError(f"{layout} checkpoint does not match the model config:\n" + "\n".join(failures))
+    if failures:
+      raise MappingError(f"{where} does not match the model config:\n" + "\n".join(failures))
+    return mapped
+
+  def shape_only(name: str) -> np.ndarray:
+    shape = tuple(reader.shape(name))
+    if resized(name, shape):
+      shape = (vocab,) + shape[1:]
+    return np.empty(shape, SHAPE_ONLY)
+
+  # Dry run on zero-byte stand-ins: every shape is checked from the headers before a byte is read.
+  build_all(shape_only, lambda path, array: None, None)
+
+  def load(name: str) -> np.ndarray:
+    array = reader.load(name)
+    bar.update(reader.nbytes(name))
+    if resized(name, array.shape):
+      array = resize_vocab_rows(array, vocab)
+    return array
+
+  params: dict[str, tuple[tuple[int, ...], str]] = {}
+
+  def write(path: str, array) -> None:
+    sink(path, array)
+    params[path] = (tuple(array.shape), str(array.dtype))
+
+  total = sum(reader.nbytes(n) for g in groups.values() for n in g.names)
+  from tqdm.auto import tqdm
+  with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {layout}", disable=not progress) as bar:
+    mapped = build_all(load, write, dtype)
   return ConversionReport(layout=layout, mapped=mapped, ignored=ignored, params=params, source_bytes=total,
                           seconds=time.perf_counter() - start)

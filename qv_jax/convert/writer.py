@@ -167,12 +167,13 @@ def write_metadata(directory: str | os.PathLike, config: ml_collections.ConfigDi
 
 
 def read_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The validated config of a converted directory."""
+  """The config of a converted directory, validated for the model parts it holds."""
   from qv_jax.config import validate
   file = Path(directory) / CONFIG_FILE
   if not file.exists():
     raise FileNotFoundError(f"{file}: not a converted checkpoint directory (no {CONFIG_FILE})")
-  return validate(ml_collections.ConfigDict(json.loads(file.read_text())))
+  parts = tuple(sorted({path.split("/")[0] for path in converted_params(directory)}))
+  return validate(ml_collections.ConfigDict(json.loads(file.read_text())), parts)
 
 
 def converted_params(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
