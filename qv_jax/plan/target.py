@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 import numpy as np
@@ -62,6 +63,9 @@ def load_target(topology: str, num_slices: int = 1) -> Target:
   chip, dims = parse_topology(topology)
   if int(num_slices) < 1:
     raise ConfigError("--num-slices", f"must be >= 1, got {num_slices}")
+  # compile-only: several planner processes may load libtpu at once, and no TPU worker is looked up
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   try:
     from jax.experimental import topologies
     import libtpu  # noqa: F401

@@ -1,0 +1,112 @@
+"""Renders docs/scaling.md and docs/scaling.png from the stored rows of `launch.plan_study`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from qv_jax.plan import report
+
+GIB = 2 ** 30
+
+INTRO = """# Scaling study: the stage-3 train step of the released sizes on TPU slices
+
+Regenerate with `python -m launch.plan_study` (compiles the rows still missing, then rewrites this file and
+`scaling.png`); `--render` only rewrites them. Every number below comes from `python -m launch.plan`
+(docs/planner.md): XLA's TPU compiler (libtpu 0.0.42.1) compiled the exact train step for the topology on a
+CPU host, and a roofline turned its FLOPs, bytes and collectives into a step time. **These are compiler
+estimates, not measurements.** The memory per chip is the compiler's own buffer assignment (the most
+trustworthy figure); the step time assumes peak FLOP/s, perfect overlap of compute and communication and
+full-ring ICI bandwidth, so it is a lower bound and MFU an upper bound (real kernels reach perhaps
+50-70 % of peak).
+
+Setup: stage 3 (everything trains), 420 frames per video, `data.max_seq_len` 16384 decoder positions,
+AdamW in fp32 params with bf16 compute, vision remat on, frame_chunk 16. Topologies are named by chips
+(`v5p:4x4x8` = 128 chips). Weak scaling: global batch = chips (one 420-frame video per chip); strong
+scaling: global batch 64. `--mesh auto` compiled up to 3 candidate (data, fsdp, tensor) meshes per row,
+fsdp-heaviest first; the table shows those that fit, fastest first.
+"""
+
+
+def _load(path):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def render(rows, row_path, out_dir: str) -> None:
+  loaded = [(r, _load(row_path(r))) for r in rows]
+  done = [(r, d) for r, d in loaded if d is not None]
+  lines = [INTRO, "## Status", "",
+           f"{len(done)} of {len(rows)} rows computed; the others are still to run (the released-size compile "
+           "takes minutes per mesh on this 2-core host).", "",
+           "| size | target | batch | scaling | status | best mesh | memory/chip | step | MFU | tokens/s/chip | "
+           "compile per mesh |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r, d in loaded:
+    head = f"| {r['size']} | {r['topology']} | {r['batch']} | {r['scaling']} |"
+    if d is None:
+      lines.append(head + " to run | | | | | | |")
+      continue
+    ranked = report.rank(d.get("plans", []))
+    compiles = [p["compile_s"] for p in d.get("plans", []) if "compile_s" in p]
+    ctime = f"{min(compiles):.0f}-{max(compiles):.0f} s" if compiles else ""
+    if not ranked:
+      why = d.get("error") or "no candidate mesh fits"
+      lines.append(head + f" computed: {why} | | | | | | {ctime} |")
+      continue
+    b = ranked[0]
+    lines.append(head + f" computed {d.get('computed_at', '')} | {b['mesh']['data']},{b['mesh']['fsdp']},"
+                 f"{b['mesh']['tensor']} | {b['memory_per_chip']['total_bytes'] / GIB:.1f} / "
+                 f"{b['memory_per_chip']['hbm_bytes'] / GIB:.0f} GiB | {b['roofline']['step_s']:.2f} s "
+                 f"({b['roofline']['bound']}) | {100 * b['roofline']['mfu']:.1f}% | "
+                 f"{b['roofline']['tokens_per_s_per_chip']:.0f} | {ctime} |")
+  lines += ["", "## Best three meshes per computed row", ""]
+  for r, d in done:
+    plans = d.get("plans", [])
+    if not plans:
+      continue
+    lines += [f"### {r['size']} on {r['topology']}, batch {r['batch']} ({r['scaling']})", "", report.HEADER]
+    ranked = report.rank(plans)
+    lines += [report.row(p) for p in ranked[:3]]
+    lines += [report.row(p) for p in plans if p not in ranked]
+    lines.append("")
+  lines += ["## Scaling curves", "", "![weak and strong scaling](scaling.png)" if done else
+            "(no computed rows yet)", "",
+            "## Inference on Colab / single-host runtimes", "",
+            "Still to run: `launch.plan --step prefill|decode` is not built yet (the prefill and decode step "
+            "functions are being split out of `qv_jax/model/generate.py`), so no inference row exists.", ""]
+  with open(os.path.join(out_dir + ".md"), "w") as f:
+    f.write("\n".join(lines))
+  if done:
+    _plot(done, out_dir + ".png")
+
+
+def _plot(done, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  series = {}
+  for r, d in done:
+    ranked = report.rank(d.get("plans", []))
+    if ranked:
+      key = (r["size"], r["topology"].split(":")[0], r["scaling"])
+      series.setdefault(key, []).append((ranked[0]["chips"], ranked[0]))
+  for key, pts in sorted(series.items()):
+    pts.sort(key=lambda x: x[0])
+    chips = [c for c, _ in pts]
+    label = " ".join(key)
+    axes[0].plot(chips, [p["memory_per_chip"]["total_bytes"] / GIB for _, p in pts], "o-", label=label)
+    axes[1].plot(chips, [p["roofline"]["step_s"] for _, p in pts], "o-", label=label)
+    axes[2].plot(chips, [100 * p["roofline"]["mfu"] for _, p in pts], "o-", label=label)
+  for a, y in zip(axes, ("memory per chip (GiB)", "predicted step (s)", "predicted MFU (%)")):
+    a.set_xscale("log", base=2)
+    a.set_xlabel("chips")
+    a.set_ylabel(y)
+    a.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.suptitle("compiler estimates (roofline, not measurements): best fitting mesh per row")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
