@@ -69,7 +69,11 @@ def parse_args(argv=None):
   p.add_argument("--sweep", default="", help=f"comma-separated subset of {SWEEP_DIMS}")
   p.add_argument("--frame-chunks", default="8,16,32", help="frame_chunk values a sweep tries")
   p.add_argument("--max-candidates", type=int, default=6, help="meshes tried per target by --mesh auto/sweep")
-  p.add_argument("--step", default="train", choices=("train",), help="the step to compile")
+  p.add_argument("--step", default="train", choices=("train", "prefill", "decode"),
+                 help="train, or the inference prefill (vision + prompt into the KV cache) / one decode step")
+  p.add_argument("--new-tokens", type=int, default=256, help="prefill/decode: answer tokens the cache holds")
+  p.add_argument("--param-dtype", default=None,
+                 help="params' dtype (default: the config's for train, bfloat16 for prefill/decode)")
   p.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
   p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/qv_jax/plan_xla"),
                  help="persistent compilation cache ('' disables)")
@@ -85,7 +89,8 @@ def jobs_from(args, config) -> list[dict]:
   if bad:
     raise ConfigError("--sweep", f"unknown {bad}; expected a subset of {SWEEP_DIMS}")
   from qv_jax.plan.candidates import mesh_candidates
-  batch = int(args.batch or config.data.batch_size)
+  infer = args.step != "train"
+  batch = int(args.batch or (1 if infer else config.data.batch_size))
   remats = [True, False] if "remat" in sweep else [None if args.remat is None else _bool(args.remat)]
   chunks = (list(_ints(args.frame_chunks, "--frame-chunks")) if "frame_chunk" in sweep
             else [args.frame_chunk])
@@ -98,19 +103,22 @@ def jobs_from(args, config) -> list[dict]:
     chips *= args.num_slices
     if args.mesh == "auto" or "mesh" in sweep:
       meshes = mesh_candidates(chips, batch, num_slices=args.num_slices, grad_accum=int(config.train.grad_accum),
-                               heads=int(config.model.decoder.num_kv_heads))[:args.max_candidates]
+                               heads=int(config.model.decoder.num_kv_heads), inference=infer,
+                               max_tensor=chips if infer else 8)[:args.max_candidates]
       if not meshes:
         raise ConfigError("--batch", f"global batch {batch} splits over no mesh of the {chips} chips of {topo}")
     else:
       shape = check_mesh_shape(_ints(args.mesh, "--mesh"), chips)
       shards = shape[0] * shape[1]
-      if batch % shards:
+      if batch % shards and not infer:
         raise ConfigError("--batch", f"global batch {batch} does not split over data x fsdp = {shards} "
                                      f"(mesh {shape} on {topo})")
       meshes = [shape]
     for mesh, remat, chunk in itertools.product(meshes, remats, chunks):
       out.append(dict(topology=topo, num_slices=args.num_slices, mesh=list(mesh), batch=batch,
-                      frames=args.frames, remat=remat, frame_chunk=chunk))
+                      frames=args.frames, remat=remat, frame_chunk=chunk, step=args.step,
+                      new_tokens=args.new_tokens,
+                      param_dtype=args.param_dtype or ("bfloat16" if infer else None)))
   return out
 
 
@@ -124,7 +132,13 @@ def run_one(config_spec: str, job: dict, cache_dir: str) -> dict:
       enable_compilation_cache(cache_dir)
     config = apply_overrides(load_config(config_spec), batch=job["batch"], frames=job["frames"],
                              remat=job["remat"], frame_chunk=job["frame_chunk"])
-    return plan_train(config, load_target(job["topology"], job["num_slices"]), job["mesh"])
+    if job.get("param_dtype"):
+      config.model.param_dtype = job["param_dtype"]
+    target = load_target(job["topology"], job["num_slices"])
+    if job.get("step", "train") != "train":
+      from qv_jax.plan.infer_plan import plan_infer
+      return plan_infer(config, target, job["mesh"], job["step"], new_tokens=job["new_tokens"])
+    return plan_train(config, target, job["mesh"])
   except Exception as e:  # noqa: BLE001  (one line per failed configuration)
     return dict(job, mesh_arg=",".join(map(str, job["mesh"])), error=plan_error(e))
 

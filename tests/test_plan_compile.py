@@ -80,3 +80,17 @@ def test_one_compile_function():
     src = open(path).read()
     assert "compile_train_step(" in src, path
     assert not re.search(r"jax\.jit\(step", src), path
+
+
+@pytest.mark.slow
+def test_decode_step_compiles_with_an_abstract_kv_cache():
+  from qv_jax.plan.infer_plan import plan_infer
+  c = _config("tiny")
+  c.model.param_dtype = "bfloat16"
+  report = plan_infer(c, load_target("v5e:1x1"), (1, 1, 1), "decode", new_tokens=16)
+  dec = c.model.decoder
+  slots = c.data.max_seq_len + 16
+  kv = 2 * dec.num_layers * 4 * slots * dec.num_kv_heads * dec.head_dim * 4   # k and v, fp32 compute (tiny)
+  assert report["memory_per_chip"]["cache_bytes"] == kv + 4 * slots * (1 + 4) + 4   # valid, positions, index
+  assert report["cache_slots"] == slots and report["tokens_per_step"] == 4
+  assert report["memory_per_chip"]["fits"] and report["roofline"]["step_s"] > 0

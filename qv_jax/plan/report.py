@@ -22,6 +22,9 @@ def rank(results: list[dict]) -> list[dict]:
 def train_command(r: dict) -> str:
   """The launch/tpu_pod.sh command that trains with this plan's mesh and shapes."""
   m = r["mesh"]
+  if r.get("step", "train") != "train":
+    return (f"# serve {r['size']} on {r['topology']} with mesh data={m['data']} fsdp={m['fsdp']} "
+            f"tensor={m['tensor']}, params in {r.get('param_dtype')}")
   extra = (f"--config.data.batch_size={r['batch']} --config.data.max_frames={r['frames']} "
            f"--config.data.frame_buckets='({r['frames']},)' --config.model.vision.remat={r['remat']} "
            f"--config.model.vision.frame_chunk={r['frame_chunk']}")
@@ -36,7 +39,8 @@ def row(r: dict) -> str:
             f"{r.get('frame_chunk', '')} | failed: {r['error']} | | | | | | |")
   mem = r["memory_per_chip"]
   roof = r["roofline"]
-  return (f"| {r['topology']}{'' if r['num_slices'] == 1 else ' x' + str(r['num_slices'])} | {_mesh(r)} | "
+  step = "" if r.get("step", "train") == "train" else f" ({r['step']})"
+  return (f"| {r['topology']}{'' if r['num_slices'] == 1 else ' x' + str(r['num_slices'])}{step} | {_mesh(r)} | "
           f"{r['remat']} | {r['frame_chunk']} | {mem['total_bytes'] / GIB:.2f} / {mem['hbm_bytes'] / GIB:.0f} "
           f"GiB {'fits' if mem['fits'] else '**does not fit**'} | {roof['step_s']:.3g} s | {roof['bound']} | "
           f"{100 * roof['mfu']:.1f}% | {roof['tokens_per_s_per_chip']:.0f} | "
@@ -56,7 +60,7 @@ def markdown(results: list[dict], title: str) -> str:
   rest = [r for r in results if r not in ranked]
   lines += [row(r) for r in rest]
   if ranked:
-    lines += ["", "Train with the best plan:", "", "```", train_command(ranked[0]), "```"]
+    lines += ["", "The best plan:", "", "```", train_command(ranked[0]), "```"]
   return "\n".join(lines) + "\n"
 
 

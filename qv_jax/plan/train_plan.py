@@ -101,21 +101,19 @@ def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
   return compiled, info
 
 
-def plan_train(config, target: Target, mesh_shape) -> dict:
-  """Compiles the train step for `target` with mesh (data, fsdp, tensor) and returns the report."""
-  compiled, info = compile_for_target(config, target, mesh_shape)
-  mesh, chip, n = info["mesh"], target.chip, target.num_chips
+def analyse(compiled, mesh, target: Target, *, flops: float, tokens: float) -> dict:
+  """Memory, FLOPs, collectives and the roofline of a compiled step. `flops`: the jaxpr matmul count of
+  the whole step (all chips); `tokens`: decoder tokens it processes."""
+  chip, n = target.chip, target.num_chips
   memory = _memory(compiled)
   cost = _cost(compiled)
   colls = hlo.collectives(compiled.as_text(), tuple(mesh.devices.shape), tuple(mesh.axis_names))
   traffic = hlo.summarize(colls)
   dcn = _dcn_bytes(colls, mesh)
-  flops_chip = info["matmul_flops"] / n
+  flops_chip = flops / n
   # XLA counts a loop body once; scale its bytes by the jaxpr/XLA FLOP ratio when loops hide work.
   scale = max(flops_chip / cost["flops"], 1.0) if cost["flops"] else 1.0
   hbm_bytes = cost["bytes_accessed"] * scale
-  d = config.data
-  tokens = float(d.batch_size) * float(d.max_seq_len)
   ici = {a: b for a, b in traffic["wire_bytes_by_axis"].items() if a != "none"}
   if dcn:
     ici = {a: b * (1 - dcn / traffic["wire_bytes_total"]) for a, b in ici.items()}
@@ -123,25 +121,30 @@ def plan_train(config, target: Target, mesh_shape) -> dict:
                   ici_bytes_by_axis=ici, dcn_bytes=dcn, tokens_per_step=tokens, num_chips=n,
                   peak_flops=chip.peak_bf16_flops, hbm_bw=chip.hbm_bw,
                   ici_bw_by_axis=axis_ici_bandwidth(mesh, chip), dcn_bw=chip.dcn_bw)
-  state_bytes = sharded_bytes(info["abstract"])
-  batch_bytes = sharded_bytes(info["batch"])
   return {
-      "step": "train", "size": config.model.size, "stage": int(config.train.stage),
       "topology": target.topology, "num_slices": target.num_slices, "chips": n, "hosts": target.num_hosts,
       "chip": dataclasses.asdict(chip), "mesh": dict(mesh.shape),
-      "batch": int(d.batch_size), "frames": int(max(d.frame_buckets)), "max_seq_len": int(d.max_seq_len),
-      "remat": bool(config.model.vision.remat), "frame_chunk": int(config.model.vision.frame_chunk),
-      "grad_accum": int(config.train.grad_accum),
-      "compile_s": info["compile_s"],
       "memory_per_chip": dict(memory, hbm_bytes=chip.hbm_bytes, fits=memory["total_bytes"] <= chip.hbm_bytes,
-                              margin_bytes=chip.hbm_bytes - memory["total_bytes"],
-                              state_bytes=state_bytes, batch_bytes=batch_bytes),
+                              margin_bytes=chip.hbm_bytes - memory["total_bytes"]),
       "flops_per_chip": {"jaxpr_matmul": flops_chip, "xla_cost_analysis": cost["flops"]},
       "hbm_bytes_accessed_per_chip": {"xla_cost_analysis": cost["bytes_accessed"], "scaled": hbm_bytes},
       "collectives_per_chip": dict(traffic, dcn_wire_bytes=dcn),
-      "roofline": roof.as_dict(),
-      "tokens_per_step": tokens,
+      "roofline": roof.as_dict(), "tokens_per_step": tokens,
   }
+
+
+def plan_train(config, target: Target, mesh_shape) -> dict:
+  """Compiles the train step for `target` with mesh (data, fsdp, tensor) and returns the report."""
+  compiled, info = compile_for_target(config, target, mesh_shape)
+  d = config.data
+  report = analyse(compiled, info["mesh"], target, flops=info["matmul_flops"],
+                   tokens=float(d.batch_size) * float(d.max_seq_len))
+  report["memory_per_chip"].update(state_bytes=sharded_bytes(info["abstract"]),
+                                   batch_bytes=sharded_bytes(info["batch"]))
+  return dict(report, step="train", size=config.model.size, stage=int(config.train.stage),
+              batch=int(d.batch_size), frames=int(max(d.frame_buckets)), max_seq_len=int(d.max_seq_len),
+              remat=bool(config.model.vision.remat), frame_chunk=int(config.model.vision.frame_chunk),
+              grad_accum=int(config.train.grad_accum), compile_s=info["compile_s"])
 
 
 def plan_error(e: Exception) -> str:
