@@ -20,6 +20,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 SIZES = ("qwen2_7b", "llama3_8b")
 TARGETS = ("v5e:4x4", "v5e:8x8", "v5e:16x16", "v5p:2x2x2", "v5p:2x4x4", "v5p:4x4x8", "v5p:8x8x8",
            "v6e:2x4", "v6e:8x8", "v6e:16x16")
+COLAB = ("v5e:1x1", "v5e:2x2", "v5e:2x4", "v6e:1x1", "v6e:2x2", "v6e:2x4")   # v5e-1/4/8, v6e-1/4/8
 FRAMES = 420
 STRONG_BATCH = 64
 OUT = "docs/scaling"
@@ -40,18 +41,22 @@ def rows() -> list[dict]:
       out.append(dict(size=size, topology=topo, batch=n, scaling="weak"))
       if n != STRONG_BATCH:
         out.append(dict(size=size, topology=topo, batch=STRONG_BATCH, scaling="strong"))
+  for topo in COLAB:
+    out.append(dict(size="qwen2_7b", topology=topo, batch=1, scaling="inference", step="prefill"))
   return out
 
 
 def row_path(r: dict) -> str:
-  return os.path.join(OUT, f"{r['size']}_{r['topology'].replace(':', '-')}_b{r['batch']}.json")
+  step = r.get("step", "train")
+  return os.path.join(OUT, f"{r['size']}_{r['topology'].replace(':', '-')}_b{r['batch']}_{step}.json")
 
 
 def run_row(r: dict, args) -> dict:
   from launch import plan
   argv = ["--config", f"configs/quicksviewer.py:size={r['size']},stage=3", "--topology", r["topology"],
           "--mesh", "auto", "--batch", str(r["batch"]), "--frames", str(FRAMES),
-          "--max-candidates", str(args.max_candidates), "--jobs", str(args.jobs), "--out", "/tmp/qv_plan_study"]
+          "--max-candidates", str(args.max_candidates), "--jobs", str(args.jobs), "--out", "/tmp/qv_plan_study",
+          "--step", r.get("step", "train")]
   pargs = plan.parse_args(argv)
   config = plan.load_config(pargs.config)
   t0 = time.perf_counter()
@@ -64,9 +69,18 @@ def run_row(r: dict, args) -> dict:
                                                                                             time.gmtime()))
 
 
+def _matches(r: dict, spec: str) -> bool:
+  parts = spec.split(":")
+  scaling = parts.pop() if parts[-1] in ("weak", "strong", "inference") else None
+  size, target = parts[0], ":".join(parts[1:])
+  return (r["size"] == size and r["topology"].startswith(target)
+          and (scaling is None or r["scaling"] == scaling))
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--only", default="", help="size:chip filters, comma-separated (e.g. qwen2_7b:v5p)")
+  p.add_argument("--only", default="", help="size:target-prefix filters, comma-separated (qwen2_7b:v5p, "
+                 "qwen2_7b:v5e:2x2); add :inference / :weak / :strong to pick a scaling")
   p.add_argument("--max-candidates", type=int, default=3, help="meshes compiled per row")
   p.add_argument("--jobs", type=int, default=2)
   p.add_argument("--limit", type=int, default=0, help="compile at most this many missing rows")
@@ -75,8 +89,7 @@ def main(argv=None) -> int:
   os.makedirs(OUT, exist_ok=True)
   todo = [r for r in rows() if not os.path.exists(row_path(r))]
   if args.only:
-    keep = [tuple(f.split(":")) for f in args.only.split(",")]
-    todo = [r for r in todo if any(r["size"] == s and r["topology"].startswith(c) for s, c in keep)]
+    todo = [r for r in todo if any(_matches(r, f) for f in args.only.split(","))]
   if args.limit:
     todo = todo[:args.limit]
   if not args.render:

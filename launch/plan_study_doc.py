@@ -74,8 +74,10 @@ def render(rows, row_path, out_dir: str) -> None:
   lines += ["## Scaling curves", "", "![weak and strong scaling](scaling.png)" if done else
             "(no computed rows yet)", "",
             "## Inference on Colab / single-host runtimes", "",
-            "Still to run: `launch.plan --step prefill|decode` is not built yet (the prefill and decode step "
-            "functions are being split out of `qv_jax/model/generate.py`), so no inference row exists.", ""]
+            "One 420-frame question (batch 1, bf16 params, the prefill: vision tower, cubing, resampler and the "
+            "decoder over the merged prompt into a KV cache of `max_seq_len` + 256 slots). The inference rows "
+            "are part of the status table above (scaling `inference`); a runtime serves the question when its "
+            "best mesh fits.", ""]
   with open(os.path.join(out_dir + ".md"), "w") as f:
     f.write("\n".join(lines))
   if done:
@@ -90,7 +92,7 @@ def _plot(done, path: str) -> None:
   series = {}
   for r, d in done:
     ranked = report.rank(d.get("plans", []))
-    if ranked:
+    if ranked and r["scaling"] != "inference":
       key = (r["size"], r["topology"].split(":")[0], r["scaling"])
       series.setdefault(key, []).append((ranked[0]["chips"], ranked[0]))
   for key, pts in sorted(series.items()):
