@@ -41,6 +41,18 @@ def test_cpu_trainer_and_planner_build_the_same_shardings():
   assert any(s != jax.sharding.PartitionSpec() for s in _specs(planned))
 
 
+def test_abstract_state_builds_under_a_topology_mesh():
+  """optax's tree_map_params ran `init` eagerly, which fails on compile-only devices under set_mesh."""
+  c = _config("tiny")
+  mesh = target_mesh(load_target("v5e:2x2"), (1, 4, 1))
+  with jax.set_mesh(mesh):
+    abstract, spec = train_state_spec(c, mesh)
+  leaves = jax.tree.leaves(abstract)
+  assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding.mesh == mesh for x in leaves)
+  mu = jax.tree.leaves(abstract.opt_state)
+  assert any(x.sharding.spec != jax.sharding.PartitionSpec() for x in mu)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size,topology", [("tiny", "v5e:2x2"), ("small", "v5p:2x2x1")])
 def test_train_step_compiles_for_topology(size, topology):
