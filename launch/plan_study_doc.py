@@ -23,8 +23,9 @@ full-ring ICI bandwidth, so it is a lower bound and MFU an upper bound (real ker
 Setup: stage 3 (everything trains), 420 frames per video, `data.max_seq_len` 16384 decoder positions,
 AdamW in fp32 params with bf16 compute, vision remat on, frame_chunk 16. Topologies are named by chips
 (`v5p:4x4x8` = 128 chips). Weak scaling: global batch = chips (one 420-frame video per chip); strong
-scaling: global batch 64. `--mesh auto` compiled up to 3 candidate (data, fsdp, tensor) meshes per row,
-fsdp-heaviest first; the table shows those that fit, fastest first.
+scaling: global batch 64. `--mesh auto` compiled the first candidate (data, fsdp, tensor) meshes of each row,
+fsdp-heaviest first (how many: the `meshes` column); the tables show those that fit, fastest first, so a
+row with one mesh tried is a feasibility check, not a mesh search.
 """
 
 
@@ -41,22 +42,23 @@ def render(rows, row_path, out_dir: str) -> None:
   lines = [INTRO, "## Status", "",
            f"{len(done)} of {len(rows)} rows computed; the others are still to run (the released-size compile "
            "takes minutes per mesh on this 2-core host).", "",
-           "| size | target | batch | scaling | status | best mesh | memory/chip | step | MFU | tokens/s/chip | "
-           "compile per mesh |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| size | target | batch | scaling | status | meshes | best mesh | memory/chip | step | MFU | tokens/s/chip | "
+           "compile per mesh |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r, d in loaded:
     head = f"| {r['size']} | {r['topology']} | {r['batch']} | {r['scaling']} |"
     if d is None:
-      lines.append(head + " to run | | | | | | |")
+      lines.append(head + " to run | | | | | | | |")
       continue
     ranked = report.rank(d.get("plans", []))
     compiles = [p["compile_s"] for p in d.get("plans", []) if "compile_s" in p]
     ctime = f"{min(compiles):.0f}-{max(compiles):.0f} s" if compiles else ""
+    tried = len(d.get("plans", []))
     if not ranked:
       why = d.get("error") or "no candidate mesh fits"
-      lines.append(head + f" computed: {why} | | | | | | {ctime} |")
+      lines.append(head + f" computed: {why} | {tried} | | | | | | {ctime} |")
       continue
     b = ranked[0]
-    lines.append(head + f" computed {d.get('computed_at', '')} | {b['mesh']['data']},{b['mesh']['fsdp']},"
+    lines.append(head + f" computed {d.get('computed_at', '')} | {tried} | {b['mesh']['data']},{b['mesh']['fsdp']},"
                  f"{b['mesh']['tensor']} | {b['memory_per_chip']['total_bytes'] / GIB:.1f} / "
                  f"{b['memory_per_chip']['hbm_bytes'] / GIB:.0f} GiB | {b['roofline']['step_s']:.2f} s "
                  f"({b['roofline']['bound']}) | {100 * b['roofline']['mfu']:.1f}% | "
