@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import runpy
 import subprocess
@@ -97,10 +98,7 @@ def jobs_from(args, config) -> list[dict]:
   out = []
   for topo in [t for t in args.topology.split(",") if t]:
     chip, dims = parse_topology(topo)
-    chips = 1
-    for d in dims:
-      chips *= d
-    chips *= args.num_slices
+    chips = math.prod(dims) * args.num_slices
     if args.mesh == "auto" or "mesh" in sweep:
       meshes = mesh_candidates(chips, batch, num_slices=args.num_slices, grad_accum=int(config.train.grad_accum),
                                heads=int(config.model.decoder.num_kv_heads), inference=infer,
@@ -191,7 +189,10 @@ def main(argv=None) -> int:
     jobs = jobs_from(args, config)
     from qv_jax.plan.target import load_target
     for topo in sorted({j["topology"] for j in jobs}):
-      load_target(topo, args.num_slices)              # libtpu present, the topology loads
+      hosts = load_target(topo, args.num_slices).num_hosts     # libtpu present, the topology loads
+      if args.step == "train" and jobs[0]["batch"] % hosts:
+        raise ConfigError("--batch", f"global batch {jobs[0]['batch']} does not split over the {hosts} hosts "
+                                     f"of {topo}" + (f" x {args.num_slices} slices" if args.num_slices > 1 else ""))
   except ConfigError as e:
     print(f"launch.plan: {e}", file=sys.stderr)
     return 2
