@@ -106,6 +106,17 @@ ENTRY %main (a: bf16[8,128], b: f32[16]) -> f32[16] {
   assert colls["reduce-scatter"].axes == ("d", "t")
 
 
+def test_empty_replica_groups_mean_all_devices():
+  text = """HloModule m
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  ROOT %r = f32[8]{0} all-reduce(%a), replica_groups={}, to_apply=%add
+}
+"""
+  (c,) = hlo.collectives(text, (2, 4), ("d", "f"))
+  assert c.group_size == 8 and c.axes == ("d", "f") and c.wire_bytes == 2 * 7 / 8 * 32
+
+
 def test_shape_bytes():
   assert hlo.shape_bytes("f32[4,4]{1,0}") == 64
   assert hlo.shape_bytes("(bf16[2,3]{1,0}, s8[5]{0}, pred[])") == 12 + 5 + 1

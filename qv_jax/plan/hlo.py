@@ -147,7 +147,8 @@ def execution_counts(comps: dict[str, list[Instr]], entry: str) -> dict[str, int
 def _replica_groups(rest: str, num_devices: int) -> list[list[int]]:
   m = re.search(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}", rest)
   if m:
-    return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
+    groups = [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", m.group(1))]
+    return groups or [list(range(num_devices))]              # replica_groups={}: one group of all
   m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", rest)
   if m:
     out_shape = [int(x) for x in m.group(1).split(",")]
