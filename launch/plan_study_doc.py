@@ -25,7 +25,9 @@ AdamW in fp32 params with bf16 compute, vision remat on, frame_chunk 16. Topolog
 (`v5p:4x4x8` = 128 chips). Weak scaling: global batch = chips (one 420-frame video per chip); strong
 scaling: global batch 64. `--mesh auto` compiled the first candidate (data, fsdp, tensor) meshes of each row,
 fsdp-heaviest first (how many: the `meshes` column); the tables show those that fit, fastest first, so a
-row with one mesh tried is a feasibility check, not a mesh search.
+row with one mesh tried is a feasibility check, not a mesh search. `compile per mesh` is the wall time of
+trace + compile on the host that ran it (for the rows computed so far: a shared 2-core machine under load
+average 12-16, so several times slower than a quiet host).
 """
 
 

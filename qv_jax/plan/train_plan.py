@@ -70,17 +70,11 @@ def _cost(compiled) -> dict[str, float]:
   return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0))}
 
 
-def _dcn_bytes(colls, mesh) -> float:
-  """Wire bytes of groups whose members sit in different slices (ring over the slices crossed)."""
-  slices = np.array([getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat])
-  if len(set(slices.tolist())) <= 1:
-    return 0.0
-  total = 0.0
-  for c in colls:
-    crossed = max(len(set(slices[g].tolist())) for g in c.groups) if c.groups else 1
-    if crossed > 1:
-      total += c.count * hlo.wire_bytes(c.kind, c.payload_bytes, crossed)
-  return total
+def _slice_mesh_shape(mesh, num_slices: int) -> tuple[int, ...]:
+  """The mesh of one slice: multi-slice programs carry slice-local replica groups (the data axis, outermost,
+  spans the slices)."""
+  shape = tuple(mesh.devices.shape)
+  return (shape[0] // num_slices,) + shape[1:]
 
 
 def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
@@ -101,22 +95,22 @@ def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
   return compiled, info
 
 
-def analyse(compiled, mesh, target: Target, *, flops: float, tokens: float) -> dict:
+def analyse(compiled, mesh, target: Target, *, flops: float, tokens: float, dcn_bytes: float = 0.0) -> dict:
   """Memory, FLOPs, collectives and the roofline of a compiled step. `flops`: the jaxpr matmul count of
-  the whole step (all chips); `tokens`: decoder tokens it processes."""
+  the whole step (all chips); `tokens`: decoder tokens it processes; `dcn_bytes`: per-chip bytes sent
+  across slices (the compiled program's replica groups are slice-local, so the caller models them)."""
   chip, n = target.chip, target.num_chips
   memory = _memory(compiled)
   cost = _cost(compiled)
-  colls = hlo.collectives(compiled.as_text(), tuple(mesh.devices.shape), tuple(mesh.axis_names))
+  colls = hlo.collectives(compiled.as_text(), _slice_mesh_shape(mesh, target.num_slices),
+                          tuple(mesh.axis_names))
   traffic = hlo.summarize(colls)
-  dcn = _dcn_bytes(colls, mesh)
+  dcn = float(dcn_bytes)
   flops_chip = flops / n
   # XLA counts a loop body once; scale its bytes by the jaxpr/XLA FLOP ratio when loops hide work.
   scale = max(flops_chip / cost["flops"], 1.0) if cost["flops"] else 1.0
   hbm_bytes = cost["bytes_accessed"] * scale
   ici = {a: b for a, b in traffic["wire_bytes_by_axis"].items() if a != "none"}
-  if dcn:
-    ici = {a: b * (1 - dcn / traffic["wire_bytes_total"]) for a, b in ici.items()}
   roof = roofline(flops_per_chip=flops_chip, model_flops_per_chip=flops_chip, hbm_bytes_per_chip=hbm_bytes,
                   ici_bytes_by_axis=ici, dcn_bytes=dcn, tokens_per_step=tokens, num_chips=n,
                   peak_flops=chip.peak_bf16_flops, hbm_bw=chip.hbm_bw,
@@ -137,8 +131,11 @@ def plan_train(config, target: Target, mesh_shape) -> dict:
   """Compiles the train step for `target` with mesh (data, fsdp, tensor) and returns the report."""
   compiled, info = compile_for_target(config, target, mesh_shape)
   d = config.data
+  # across slices: each chip all-reduces its shard of the fp32 gradients with its peers in the other slices
+  grads = sharded_bytes(info["abstract"].params)
+  dcn = hlo.wire_bytes("all-reduce", grads, target.num_slices) if target.num_slices > 1 else 0.0
   report = analyse(compiled, info["mesh"], target, flops=info["matmul_flops"],
-                   tokens=float(d.batch_size) * float(d.max_seq_len))
+                   tokens=float(d.batch_size) * float(d.max_seq_len), dcn_bytes=dcn)
   report["memory_per_chip"].update(state_bytes=sharded_bytes(info["abstract"]),
                                    batch_bytes=sharded_bytes(info["batch"]))
   return dict(report, step="train", size=config.model.size, stage=int(config.train.stage),
