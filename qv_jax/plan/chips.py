@@ -38,8 +38,3 @@ CHIPS = {
                 "bidirectional per chip over 4 ports; no DCN figure published there)"),
 }
 
-
-def chip(name: str) -> Chip:
-  if name not in CHIPS:
-    raise KeyError(name)
-  return CHIPS[name]

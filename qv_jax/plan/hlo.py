@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 import re
 from typing import Iterable, Sequence
@@ -224,6 +223,3 @@ def summarize(colls: Iterable[Collective]) -> dict:
   return {"wire_bytes_by_kind": by_kind, "wire_bytes_by_axis": dict(by_axis), "executions_by_kind": dict(ops),
           "wire_bytes_total": sum(by_kind.values())}
 
-
-def to_json(colls: Iterable[Collective]) -> str:
-  return json.dumps([dict(dataclasses.asdict(c), groups=c.groups[:4]) for c in colls])

@@ -14,6 +14,7 @@ torus rings. Peak FLOP/s is never reached by real kernels, so MFU here is an upp
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -78,7 +79,6 @@ def axis_ici_bandwidth(mesh, chip) -> dict[str, float]:
       dims.update(int(i) for i in range(coords.shape[1] - 1) if len(set(coords[:, i].tolist())) > 1)
     spans[name] = dims
   out = {}
-  import itertools
   for r in range(1, len(names) + 1):
     for combo in itertools.combinations(names, r):
       dims = set().union(*(spans[n] for n in combo))
