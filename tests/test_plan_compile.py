@@ -84,7 +84,7 @@ def test_train_step_compiles_for_topology(size, topology):
 
 def test_one_compile_function():
   """The trainer, the benchmark, the planner and the tests compile the train step through one function."""
-  out = subprocess.run(["git", "grep", "-n", r"def compile_train_step\|def jit_train_step"], capture_output=True,
+  out = subprocess.run(["git", "grep", "-nE", r"^def (compile_train_step|jit_train_step)\("], capture_output=True,
                        text=True).stdout.strip().splitlines()
   assert [l.split(":")[0] for l in out] == ["qv_jax/train/compile.py"] * 2
   for path in ("qv_jax/train/loop.py", "benchmarks/train_step.py", "qv_jax/plan/train_plan.py",
