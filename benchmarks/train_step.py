@@ -29,7 +29,8 @@ from qv_jax.sharding import axis_rules, make_mesh  # noqa: E402
 from qv_jax.train.flops import matmul_flops  # noqa: E402
 from qv_jax.train.loop import to_global  # noqa: E402
 from qv_jax.train.state import create_train_state  # noqa: E402
-from qv_jax.train.step import jit_train_step, make_train_step  # noqa: E402
+from qv_jax.train.compile import compile_train_step  # noqa: E402
+from qv_jax.train.step import make_train_step  # noqa: E402
 from qv_jax.train.synthetic_batches import SyntheticBatches  # noqa: E402
 
 
@@ -55,10 +56,9 @@ def bench(size: str, *, stage: int, batch: int | None, frames: int | None, steps
     init_s = time.perf_counter() - t0
     batches = [to_global(next(data), mesh) for _ in range(2)]   # compile on one, time on the other
     step = make_train_step(spec.graphdef, c, spec.tx)
-    fn = jit_train_step(step, spec, {k: v.sharding for k, v in batches[0].items()})
     with CompileCounter() as compiles:
       t0 = time.perf_counter()
-      compiled = fn.lower(state, batches[0]).compile()
+      compiled = compile_train_step(step, spec, state, batches[0])
       compile_s = time.perf_counter() - t0
     counted = matmul_flops(step, state, batches[0])
     xla = flops(compiled)

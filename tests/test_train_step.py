@@ -9,7 +9,8 @@ from qv_jax.batch import batch_shapes
 from qv_jax.sharding import axis_rules, make_mesh
 from qv_jax.train.loop import enable_compilation_cache, to_global
 from qv_jax.train.state import create_train_state, full_params
-from qv_jax.train.step import jit_train_step, make_train_step
+from qv_jax.train.compile import compile_train_step
+from qv_jax.train.step import make_train_step
 from qv_jax.train.synthetic_batches import SyntheticBatches
 from test_train_util import CACHE_DIR, tiny_config
 
@@ -25,7 +26,7 @@ def run_steps(config, devices, num_steps):
     fn = None
     for _ in range(num_steps):
       batch = to_global(next(data), mesh)
-      fn = fn or jit_train_step(step, spec, {k: v.sharding for k, v in batch.items()})
+      fn = fn or compile_train_step(step, spec, state, batch)
       state, m = fn(state, batch)
       metrics.append(jax.device_get(m))
     return jax.device_get(full_params(state)), metrics, state

@@ -34,7 +34,8 @@ from qv_jax.train.flops import matmul_flops
 from qv_jax.train.metrics import MetricsWriter, StepTimer, compiled_flops
 from qv_jax.train.state import (TrainState, create_train_state, full_params, merge_trees, split_tree,
                                 train_state_spec)
-from qv_jax.train.step import jit_train_step, make_train_step
+from qv_jax.train.compile import compile_train_step
+from qv_jax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,12 @@ class TrainSummary:
   last_metrics: dict[str, Any]
 
 
-def check_config(config, mesh) -> None:
-  """Static checks that must fail before anything compiles."""
+def check_config(config, mesh, process_count: int | None = None) -> None:
+  """Static checks that must fail before anything compiles. `mesh` may be a topology's mesh and
+  `process_count` its host count (default: this job's `jax.process_count()`)."""
   validate(config)
   validate_train_against(config)
-  n_proc = jax.process_count()
+  n_proc = jax.process_count() if process_count is None else int(process_count)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   b = int(config.data.batch_size)
   require(b % n_proc == 0, "data.batch_size", f"global batch {b} is not divisible by {n_proc} processes")
@@ -262,9 +264,7 @@ def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = N
         batch = to_global(local, mesh)
         key = tuple((k, v.shape, str(v.dtype)) for k, v in batch.items())
         if key not in compiled:
-          batch_shardings = {k: v.sharding for k, v in batch.items()}
-          jitted = jit_train_step(step_fn, spec, batch_shardings)
-          compiled[key] = jitted.lower(state, batch).compile()
+          compiled[key] = compile_train_step(step_fn, spec, state, batch)
           xla_flops = compiled_flops(compiled[key])
           flops = matmul_flops(step_fn, state, batch)
         state, metrics = compiled[key](state, batch)

@@ -96,8 +96,26 @@ def abstract_params(config, mesh: Mesh, rules=None, groups=None):
   return graphdef, spec(train), spec(frozen)
 
 
+def opt_state_shardings(abstract_opt, abstract_params: dict, default: NamedSharding):
+  """A sharding for every leaf of an (abstract) optax state: a leaf whose key path ends with a param's path
+  and has its shape (Adam's mu and nu, ...) takes that param's sharding; the rest (counts) `default`.
+  Runs no `init`, so it works for a topology's compile-only devices."""
+  by_path = {tuple(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  longest = max((len(p) for p in by_path), default=0)
+
+  def one(path, leaf):
+    for start in range(max(len(path) - longest, 0), len(path)):
+      param = by_path.get(tuple(path[start:]))
+      if param is not None and tuple(param.shape) == tuple(leaf.shape):
+        return param.sharding
+    return default
+  return jax.tree_util.tree_map_with_path(one, abstract_opt)
+
+
 def train_state_spec(config, mesh: Mesh, rules=None) -> tuple[TrainState, StateSpec]:
-  """The abstract train state (ShapeDtypeStructs with their shardings) and the spec; allocates nothing."""
+  """The abstract train state (ShapeDtypeStructs with their shardings) and the spec. Allocates nothing and
+  touches no device (the optimizer state's shape comes from `jax.eval_shape`), so `mesh` may be made of a
+  TPU topology's compile-only devices."""
   rules = rules if rules is not None else config.sharding_rules
   groups = trainable_groups(config)
   graphdef, abs_train, abs_frozen = abstract_params(config, mesh, rules, groups)
@@ -106,8 +124,7 @@ def train_state_spec(config, mesh: Mesh, rules=None) -> tuple[TrainState, StateS
   param_shardings = jax.tree.map(lambda x: x.sharding, abs_train)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, abs_frozen)
   abstract_opt = jax.eval_shape(tx.init, abs_train)
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                        transform_non_params=lambda _: rep)
+  opt_shardings = opt_state_shardings(abstract_opt, abs_train, rep)
   shardings = TrainState(step=rep, params=param_shardings, frozen=frozen_shardings, opt_state=opt_shardings,
                          rng=rep)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=abs_train,

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from qv_jax.batch import MODALITY_VIDEO
 from qv_jax.sharding import constrain
@@ -112,9 +111,3 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation):
 
   return step
 
-
-def jit_train_step(step_fn, spec, batch_shardings: dict):
-  """jit with the state's shardings in and out, the state donated, metrics replicated."""
-  rep = NamedSharding(spec.mesh, PartitionSpec())
-  return jax.jit(step_fn, in_shardings=(spec.shardings, batch_shardings),
-                 out_shardings=(spec.shardings, rep), donate_argnums=(0,))

@@ -1,0 +1,107 @@
+"""The scaling study of docs/scaling.md: the stage-3 train step of the released sizes at 420 frames on
+v5e, v5p and v6e slices, weak scaling (batch = chips) and strong scaling (batch 64), every number from
+`launch.plan`. Results are kept per row under docs/scaling/, so a rerun only compiles missing rows.
+
+  python -m launch.plan_study                       # everything still missing, then docs/scaling.md + PNG
+  python -m launch.plan_study --only qwen2_7b:v5p --max-candidates 3 --jobs 2
+  python -m launch.plan_study --render              # only rewrite the document from the stored rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+SIZES = ("qwen2_7b", "llama3_8b")
+TARGETS = ("v5e:4x4", "v5e:8x8", "v5e:16x16", "v5p:2x2x2", "v5p:2x4x4", "v5p:4x4x8", "v5p:8x8x8",
+           "v6e:2x4", "v6e:8x8", "v6e:16x16")
+COLAB = ("v5e:1x1", "v5e:2x2", "v5e:2x4", "v6e:1x1", "v6e:2x2", "v6e:2x4")   # v5e-1/4/8, v6e-1/4/8
+FRAMES = 420
+STRONG_BATCH = 64
+OUT = "docs/scaling"
+
+
+def chips_of(topology: str) -> int:
+  n = 1
+  for d in topology.split(":")[1].split("x"):
+    n *= int(d)
+  return n
+
+
+def rows() -> list[dict]:
+  out = []
+  for size in SIZES:
+    for topo in TARGETS:
+      n = chips_of(topo)
+      out.append(dict(size=size, topology=topo, batch=n, scaling="weak"))
+      if n != STRONG_BATCH:
+        out.append(dict(size=size, topology=topo, batch=STRONG_BATCH, scaling="strong"))
+  for topo in COLAB:
+    out.append(dict(size="qwen2_7b", topology=topo, batch=1, scaling="inference", step="prefill"))
+  return out
+
+
+def row_path(r: dict) -> str:
+  step = r.get("step", "train")
+  return os.path.join(OUT, f"{r['size']}_{r['topology'].replace(':', '-')}_b{r['batch']}_{step}.json")
+
+
+def run_row(r: dict, args) -> dict:
+  from launch import plan
+  argv = ["--config", f"configs/quicksviewer.py:size={r['size']},stage=3", "--topology", r["topology"],
+          "--mesh", "auto", "--batch", str(r["batch"]), "--frames", str(FRAMES),
+          "--max-candidates", str(args.max_candidates), "--jobs", str(args.jobs), "--out", "/tmp/qv_plan_study",
+          "--step", r.get("step", "train")]
+  pargs = plan.parse_args(argv)
+  config = plan.load_config(pargs.config)
+  t0 = time.perf_counter()
+  try:
+    jobs = plan.jobs_from(pargs, config)
+  except Exception as e:  # noqa: BLE001  (a batch no mesh splits: recorded, not fatal)
+    return dict(r, error=str(e), plans=[])
+  results = plan.run_jobs(pargs, jobs)
+  return dict(r, plans=results, wall_s=time.perf_counter() - t0, computed_at=time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                            time.gmtime()))
+
+
+def _matches(r: dict, spec: str) -> bool:
+  parts = spec.split(":")
+  scaling = parts.pop() if parts[-1] in ("weak", "strong", "inference") else None
+  size, target = parts[0], ":".join(parts[1:])
+  return (r["size"] == size and r["topology"].startswith(target)
+          and (scaling is None or r["scaling"] == scaling))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--only", default="", help="size:target-prefix filters, comma-separated (qwen2_7b:v5p, "
+                 "qwen2_7b:v5e:2x2); add :inference / :weak / :strong to pick a scaling")
+  p.add_argument("--max-candidates", type=int, default=3, help="meshes compiled per row")
+  p.add_argument("--jobs", type=int, default=2)
+  p.add_argument("--limit", type=int, default=0, help="compile at most this many missing rows")
+  p.add_argument("--render", action="store_true", help="only rewrite docs/scaling.md from stored rows")
+  args = p.parse_args(argv)
+  os.makedirs(OUT, exist_ok=True)
+  todo = [r for r in rows() if not os.path.exists(row_path(r))]
+  if args.only:
+    todo = [r for r in todo if any(_matches(r, f) for f in args.only.split(","))]
+  if args.limit:
+    todo = todo[:args.limit]
+  if not args.render:
+    for r in todo:
+      print(f"plan_study: {r['size']} on {r['topology']} batch {r['batch']} ...", file=sys.stderr, flush=True)
+      result = run_row(r, args)
+      with open(row_path(r), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+  from launch.plan_study_doc import render
+  render(rows(), row_path, OUT)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,119 @@
+"""Renders docs/scaling.md and docs/scaling.png from the stored rows of `launch.plan_study`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from qv_jax.plan import report
+
+GIB = 2 ** 30
+
+INTRO = """# Scaling study: the stage-3 train step of the released sizes on TPU slices
+
+Regenerate with `python -m launch.plan_study` (compiles the rows still missing, then rewrites this file and
+`scaling.png`); `--render` only rewrites them. Every number below comes from `python -m launch.plan`
+(docs/planner.md): XLA's TPU compiler (libtpu 0.0.42.1) compiled the exact train step for the topology on a
+CPU host, and a roofline turned its FLOPs, bytes and collectives into a step time. **These are compiler
+estimates, not measurements.** The memory per chip is the compiler's own buffer assignment (the most
+trustworthy figure); the step time assumes peak FLOP/s, perfect overlap of compute and communication and
+full-ring ICI bandwidth, so it is a lower bound and MFU an upper bound (real kernels reach perhaps
+50-70 % of peak). Where the HBM term is the bound, it is XLA's bytes-accessed count scaled up by the
+jaxpr/XLA FLOP ratio (XLA counts a loop body once): a rough figure, not a traffic model.
+
+Setup: stage 3 (everything trains), 420 frames per video, `data.max_seq_len` 16384 decoder positions,
+AdamW in fp32 params with bf16 compute, vision remat on, frame_chunk 16. Topologies are named by chips
+(`v5p:4x4x8` = 128 chips). Weak scaling: global batch = chips (one 420-frame video per chip); strong
+scaling: global batch 64. `--mesh auto` compiled the first candidate (data, fsdp, tensor) meshes of each row,
+fsdp-heaviest first (how many: the `meshes` column); the tables show those that fit, fastest first, so a
+row with one mesh tried is a feasibility check, not a mesh search. `compile per mesh` is the wall time of
+trace + compile on the host that ran it (for the rows computed so far: a shared 2-core machine under load
+average 12-16, so several times slower than a quiet host).
+"""
+
+
+def _load(path):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def render(rows, row_path, out_dir: str) -> None:
+  loaded = [(r, _load(row_path(r))) for r in rows]
+  done = [(r, d) for r, d in loaded if d is not None]
+  lines = [INTRO, "## Status", "",
+           f"{len(done)} of {len(rows)} rows computed; the others are still to run (the released-size compile "
+           "took 56 minutes and 5.2 GB of host memory per mesh on the loaded 2-core host used so far).", "",
+           "| size | target | batch | scaling | status | meshes | best mesh | memory/chip | step | MFU | tokens/s/chip | "
+           "compile per mesh |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r, d in loaded:
+    head = f"| {r['size']} | {r['topology']} | {r['batch']} | {r['scaling']} |"
+    if d is None:
+      lines.append(head + " to run | | | | | | | |")
+      continue
+    ranked = report.rank(d.get("plans", []))
+    compiles = [p["compile_s"] for p in d.get("plans", []) if "compile_s" in p]
+    ctime = f"{min(compiles):.0f}-{max(compiles):.0f} s" if compiles else ""
+    tried = len(d.get("plans", []))
+    if not ranked:
+      why = d.get("error") or "no candidate mesh fits"
+      lines.append(head + f" computed: {why} | {tried} | | | | | | {ctime} |")
+      continue
+    b = ranked[0]
+    lines.append(head + f" computed {d.get('computed_at', '')} | {tried} | {b['mesh']['data']},{b['mesh']['fsdp']},"
+                 f"{b['mesh']['tensor']} | {b['memory_per_chip']['total_bytes'] / GIB:.1f} / "
+                 f"{b['memory_per_chip']['hbm_bytes'] / GIB:.0f} GiB | {b['roofline']['step_s']:.2f} s "
+                 f"({b['roofline']['bound']}) | {100 * b['roofline']['mfu']:.1f}% | "
+                 f"{b['roofline']['tokens_per_s_per_chip']:.0f} | {ctime} |")
+  lines += ["", "## Best three meshes per computed row", ""]
+  for r, d in done:
+    plans = d.get("plans", [])
+    if not plans:
+      continue
+    lines += [f"### {r['size']} on {r['topology']}, batch {r['batch']} ({r['scaling']})", "", report.HEADER]
+    ranked = report.rank(plans)
+    lines += [report.row(p) for p in ranked[:3]]
+    lines += [report.row(p) for p in plans if p not in ranked]
+    lines.append("")
+  lines += ["## Scaling curves", "", "![weak and strong scaling](scaling.png)" if done else
+            "(no computed rows yet)", "",
+            "## Inference on Colab / single-host runtimes", "",
+            "One 420-frame question (batch 1, bf16 params, the prefill: vision tower, cubing, resampler and the "
+            "decoder over the merged prompt into a KV cache of `max_seq_len` + 256 slots). The inference rows "
+            "are part of the status table above (scaling `inference`); a runtime serves the question when its "
+            "best mesh fits.", ""]
+  with open(os.path.join(out_dir + ".md"), "w") as f:
+    f.write("\n".join(lines))
+  if done:
+    _plot(done, out_dir + ".png")
+
+
+def _plot(done, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  series = {}
+  for r, d in done:
+    ranked = report.rank(d.get("plans", []))
+    if ranked and r["scaling"] != "inference":
+      key = (r["size"], r["topology"].split(":")[0], r["scaling"])
+      series.setdefault(key, []).append((ranked[0]["chips"], ranked[0]))
+  for key, pts in sorted(series.items()):
+    pts.sort(key=lambda x: x[0])
+    chips = [c for c, _ in pts]
+    label = " ".join(key)
+    axes[0].plot(chips, [p["memory_per_chip"]["total_bytes"] / GIB for _, p in pts], "o-", label=label)
+    axes[1].plot(chips, [p["roofline"]["step_s"] for _, p in pts], "o-", label=label)
+    axes[2].plot(chips, [100 * p["roofline"]["mfu"] for _, p in pts], "o-", label=label)
+  for a, y in zip(axes, ("memory per chip (GiB)", "predicted step (s)", "predicted MFU (%)")):
+    a.set_xscale("log", base=2)
+    a.set_xlabel("chips")
+    a.set_ylabel(y)
+    a.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.suptitle("compiler estimates (roofline, not measurements): best fitting mesh per row")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

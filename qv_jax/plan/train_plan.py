@@ -1,0 +1,152 @@
+"""Plan one train-step configuration: build the abstract state and batch for a target mesh, compile the
+trainer's exact step (`compile_train_step`) and read memory, FLOPs and collectives from the result.
+
+    report = plan_train(config, target, mesh_shape=(1, 128, 1))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from qv_jax.config.errors import ConfigError
+from qv_jax.plan import hlo
+from qv_jax.plan.roofline import axis_ici_bandwidth, roofline
+from qv_jax.plan.target import Target, target_mesh
+from qv_jax.sharding import axis_rules
+from qv_jax.train.compile import abstract_batch, compile_train_step
+from qv_jax.train.flops import matmul_flops
+from qv_jax.train.loop import check_config
+from qv_jax.train.state import train_state_spec
+from qv_jax.train.step import make_train_step
+
+
+def apply_overrides(config, *, batch: int | None = None, frames: int | None = None, remat: bool | None = None,
+                    frame_chunk: int | None = None, mesh_shape=None):
+  """The config with the planner's overrides (in place; returned for chaining)."""
+  if batch is not None:
+    config.data.batch_size = int(batch)
+  if frames is not None:
+    config.data.max_frames = int(frames)
+    config.data.frame_buckets = (int(frames),)
+  if remat is not None:
+    config.model.vision.remat = bool(remat)
+  if frame_chunk is not None:
+    config.model.vision.frame_chunk = int(frame_chunk)
+  if mesh_shape is not None:
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (int(s) for s in mesh_shape)
+  return config
+
+
+def sharded_bytes(tree) -> float:
+  """Per-chip bytes of a tree of sharded ShapeDtypeStructs (the largest shard; shards are equal here)."""
+  total = 0.0
+  for x in jax.tree.leaves(tree):
+    shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    total += math.prod(shard) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def _memory(compiled) -> dict[str, float]:
+  m = compiled.memory_analysis()
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+            "generated_code_size_in_bytes")
+  out = {f.replace("_size_in_bytes", "_bytes"): float(getattr(m, f, 0) or 0) for f in fields}
+  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+                        + out["generated_code_bytes"])
+  return out
+
+
+def _cost(compiled) -> dict[str, float]:
+  c = compiled.cost_analysis()
+  if isinstance(c, (list, tuple)):
+    c = c[0] if c else {}
+  c = c or {}
+  return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0))}
+
+
+def _slice_mesh_shape(mesh, num_slices: int) -> tuple[int, ...]:
+  """The mesh of one slice: multi-slice programs carry slice-local replica groups (the data axis, outermost,
+  spans the slices)."""
+  shape = tuple(mesh.devices.shape)
+  return (shape[0] // num_slices,) + shape[1:]
+
+
+def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
+  """Checks the config against the target (one line on error), then compiles abstractly."""
+  mesh = target_mesh(target, mesh_shape)
+  apply_overrides(config, mesh_shape=tuple(mesh.shape.values()))
+  check_config(config, mesh, process_count=target.num_hosts)
+  rules = config.sharding_rules
+  t0 = time.perf_counter()
+  abstract, spec = train_state_spec(config, mesh, rules)
+  batch = abstract_batch(config, mesh)
+  step_fn = make_train_step(spec.graphdef, config, spec.tx)
+  with jax.set_mesh(mesh), axis_rules(rules):
+    compiled = compile_train_step(step_fn, spec, abstract, batch)
+    compile_s = time.perf_counter() - t0
+    counted = matmul_flops(step_fn, abstract, batch)
+  info = dict(mesh=mesh, abstract=abstract, batch=batch, compile_s=compile_s, matmul_flops=counted)
+  return compiled, info
+
+
+def analyse(compiled, mesh, target: Target, *, flops: float, tokens: float, dcn_bytes: float = 0.0) -> dict:
+  """Memory, FLOPs, collectives and the roofline of a compiled step. `flops`: the jaxpr matmul count of
+  the whole step (all chips); `tokens`: decoder tokens it processes; `dcn_bytes`: per-chip bytes sent
+  across slices (the compiled program's replica groups are slice-local, so the caller models them)."""
+  chip, n = target.chip, target.num_chips
+  memory = _memory(compiled)
+  cost = _cost(compiled)
+  colls = hlo.collectives(compiled.as_text(), _slice_mesh_shape(mesh, target.num_slices),
+                          tuple(mesh.axis_names))
+  traffic = hlo.summarize(colls)
+  dcn = float(dcn_bytes)
+  flops_chip = flops / n
+  # XLA counts a loop body once; scale its bytes by the jaxpr/XLA FLOP ratio when loops hide work.
+  scale = max(flops_chip / cost["flops"], 1.0) if cost["flops"] else 1.0
+  hbm_bytes = cost["bytes_accessed"] * scale
+  ici = {a: b for a, b in traffic["wire_bytes_by_axis"].items() if a != "none"}
+  roof = roofline(flops_per_chip=flops_chip, model_flops_per_chip=flops_chip, hbm_bytes_per_chip=hbm_bytes,
+                  ici_bytes_by_axis=ici, dcn_bytes=dcn, tokens_per_step=tokens, num_chips=n,
+                  peak_flops=chip.peak_bf16_flops, hbm_bw=chip.hbm_bw,
+                  ici_bw_by_axis=axis_ici_bandwidth(mesh, chip), dcn_bw=chip.dcn_bw)
+  return {
+      "topology": target.topology, "num_slices": target.num_slices, "chips": n, "hosts": target.num_hosts,
+      "chip": dataclasses.asdict(chip), "mesh": dict(mesh.shape),
+      "memory_per_chip": dict(memory, hbm_bytes=chip.hbm_bytes, fits=memory["total_bytes"] <= chip.hbm_bytes,
+                              margin_bytes=chip.hbm_bytes - memory["total_bytes"]),
+      "flops_per_chip": {"jaxpr_matmul": flops_chip, "xla_cost_analysis": cost["flops"]},
+      "hbm_bytes_accessed_per_chip": {"xla_cost_analysis": cost["bytes_accessed"], "scaled": hbm_bytes},
+      "collectives_per_chip": dict(traffic, dcn_wire_bytes=dcn),
+      "roofline": roof.as_dict(), "tokens_per_step": tokens,
+  }
+
+
+def plan_train(config, target: Target, mesh_shape) -> dict:
+  """Compiles the train step for `target` with mesh (data, fsdp, tensor) and returns the report."""
+  compiled, info = compile_for_target(config, target, mesh_shape)
+  d = config.data
+  # across slices: each chip all-reduces its shard of the fp32 gradients with its peers in the other slices
+  grads = sharded_bytes(info["abstract"].params)
+  dcn = hlo.wire_bytes("all-reduce", grads, target.num_slices) if target.num_slices > 1 else 0.0
+  report = analyse(compiled, info["mesh"], target, flops=info["matmul_flops"],
+                   tokens=float(d.batch_size) * float(d.max_seq_len), dcn_bytes=dcn)
+  report["memory_per_chip"].update(state_bytes=sharded_bytes(info["abstract"]),
+                                   batch_bytes=sharded_bytes(info["batch"]))
+  return dict(report, step="train", size=config.model.size, stage=int(config.train.stage),
+              batch=int(d.batch_size), frames=int(max(d.frame_buckets)), max_seq_len=int(d.max_seq_len),
+              remat=bool(config.model.vision.remat), frame_chunk=int(config.model.vision.frame_chunk),
+              grad_accum=int(config.train.grad_accum), compile_s=info["compile_s"])
+
+
+def plan_error(e: Exception) -> str:
+  """One line for a planning failure."""
+  if isinstance(e, ConfigError):
+    return str(e)
+  first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return f"{type(e).__name__}: {first[:300]}"

@@ -1,0 +1,216 @@
+"""The planner's parts without a TPU compile: the HLO collective parser on hand-built programs, the roofline
+on hand-worked numbers, mesh candidates and ranking, the abstract optimizer shardings, bad input."""
+
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qv_jax.config.errors import ConfigError
+from qv_jax.plan import hlo
+from qv_jax.plan.candidates import mesh_candidates
+from qv_jax.plan.chips import CHIPS
+from qv_jax.plan.report import rank
+from qv_jax.plan.roofline import roofline
+from qv_jax.plan.target import check_mesh_shape, load_target, parse_topology
+
+
+def _compiled_text(fn, mesh, spec, shape):
+  arg = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, spec))
+  return jax.jit(fn).lower(arg).compile().as_text()
+
+
+def test_psum_and_all_gather_in_a_7_step_scan():
+  mesh = jax.make_mesh((2, 4), ("a", "b"))
+
+  def local(x):                                   # x: the f32[4, 4] shard of each device
+    def body(c, _):
+      g = jax.lax.all_gather(c, "b", tiled=True)  # [16, 4]
+      return c + g[:4] * 0 + 1, None
+    y, _ = jax.lax.scan(body, x, None, length=7)
+    return jax.lax.psum(y, "a")
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=P("a", "b"), out_specs=P(None, "b"))
+  colls = hlo.collectives(_compiled_text(f, mesh, P("a", "b"), (8, 16)), (2, 4), ("a", "b"))
+  by_kind = {c.kind: c for c in colls}
+  assert sorted(by_kind) == ["all-gather", "all-reduce"]
+  ag, ar = by_kind["all-gather"], by_kind["all-reduce"]
+  shard = 4 * 4 * 4                               # bytes of one f32[4, 4] shard
+  assert (ag.count, ag.group_size, ag.payload_bytes, ag.axes) == (7, 4, shard, ("b",))
+  assert ag.wire_bytes == 3 * shard               # (n - 1) shards received per gather
+  assert (ar.count, ar.group_size, ar.payload_bytes, ar.axes) == (1, 2, shard, ("a",))
+  assert ar.wire_bytes == 2 * (1 / 2) * shard
+  s = hlo.summarize(colls)
+  assert s["wire_bytes_by_axis"] == {"b": 7 * 3 * shard, "a": shard}
+  assert s["executions_by_kind"] == {"all-gather": 7, "all-reduce": 1}
+
+
+def test_nested_loops_multiply_trip_counts():
+  mesh = jax.make_mesh((8,), ("x",))
+
+  def local(x):
+    def inner(c, _):
+      return c + jax.lax.psum(c, "x") * 0.5, None
+
+    def outer(c, _):
+      return jax.lax.scan(inner, c, None, length=3)[0], None
+    return jax.lax.scan(outer, x, None, length=5)[0]
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=P("x"), out_specs=P("x"))
+  colls = hlo.collectives(_compiled_text(f, mesh, P("x"), (8 * 32,)), (8,), ("x",))
+  total = sum(c.count for c in colls if c.kind == "all-reduce")
+  assert total == 15
+  assert all(c.payload_bytes == 32 * 4 and c.group_size == 8 for c in colls)
+
+
+def test_hand_written_hlo_iota_groups_async_and_tuples():
+  text = """HloModule m
+%body (p: (s32[], bf16[8,128])) -> (s32[], bf16[8,128]) {
+  %p = (s32[], bf16[8,128]{1,0}) parameter(0)
+  %x = bf16[8,128]{1,0} get-tuple-element(%p), index=1
+  %ags = (bf16[8,128]{1,0}, bf16[32,128]{1,0}) all-gather-start(%x), replica_groups=[2,4]<=[4,2]T(1,0), dimensions={0}
+  %agd = bf16[32,128]{1,0} all-gather-done(%ags)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], bf16[8,128]{1,0}) tuple(%i, %x)
+}
+%cond (q: (s32[], bf16[8,128])) -> pred[] {
+  %q = (s32[], bf16[8,128]{1,0}) parameter(0)
+  %c = s32[] constant(11)
+  %j = s32[] get-tuple-element(%q), index=0
+  ROOT %lt = pred[] compare(%j, %c), direction=LT
+}
+ENTRY %main (a: bf16[8,128], b: f32[16]) -> f32[16] {
+  %a = bf16[8,128]{1,0} parameter(0)
+  %b = f32[16]{0} parameter(1)
+  %z = s32[] constant(0)
+  %t0 = (s32[], bf16[8,128]{1,0}) tuple(%z, %a)
+  %w = (s32[], bf16[8,128]{1,0}) while(%t0), condition=%cond, body=%body
+  %cp = f32[16]{0} collective-permute(%b), source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  ROOT %rs = f32[2]{0} reduce-scatter(%cp), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+}
+"""
+  # the while has no known_trip_count here: the condition's constant gives it
+  colls = {c.kind: c for c in hlo.collectives(text, (2, 4), ("d", "t"))}
+  ag = colls["all-gather"]
+  assert ag.count == 11 and ag.payload_bytes == 8 * 128 * 2 and ag.group_size == 4
+  # [2,4]<=[4,2]T(1,0): groups {0,2,4,6} and {1,3,5,7}: members differ in both mesh axes of (2, 4)
+  assert ag.groups == [[0, 2, 4, 6], [1, 3, 5, 7]] and ag.axes == ("d", "t")
+  assert colls["collective-permute"].wire_bytes == 64
+  assert colls["reduce-scatter"].wire_bytes == pytest.approx(7 / 8 * 64)
+  assert colls["reduce-scatter"].axes == ("d", "t")
+
+
+def test_empty_replica_groups_mean_all_devices():
+  text = """HloModule m
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  ROOT %r = f32[8]{0} all-reduce(%a), replica_groups={}, to_apply=%add
+}
+"""
+  (c,) = hlo.collectives(text, (2, 4), ("d", "f"))
+  assert c.group_size == 8 and c.axes == ("d", "f") and c.wire_bytes == 2 * 7 / 8 * 32
+
+
+def test_shape_bytes():
+  assert hlo.shape_bytes("f32[4,4]{1,0}") == 64
+  assert hlo.shape_bytes("(bf16[2,3]{1,0}, s8[5]{0}, pred[])") == 12 + 5 + 1
+  assert hlo.shape_bytes("f32[]") == 4
+
+
+def test_roofline_hand_worked():
+  # 1e15 FLOPs at 5e14 FLOP/s = 2 s; 1e12 HBM bytes at 1e12 B/s = 1 s; 3e11 ICI bytes over fsdp at 1e11 B/s
+  # = 3 s (the bound); 1e9 DCN bytes at 1e9 B/s = 1 s. MFU = 0.9e15 / (3 s * 5e14) = 0.6.
+  r = roofline(flops_per_chip=1e15, model_flops_per_chip=0.9e15, hbm_bytes_per_chip=1e12,
+               ici_bytes_by_axis={"fsdp": 3e11, "data": 0.0}, dcn_bytes=1e9, tokens_per_step=6000.0,
+               num_chips=4, peak_flops=5e14, hbm_bw=1e12, ici_bw_by_axis={"fsdp": 1e11, "data": 1e11},
+               dcn_bw=1e9)
+  assert (r.compute_s, r.hbm_s, r.ici_s, r.dcn_s) == (2.0, 1.0, {"fsdp": 3.0, "data": 0.0}, 1.0)
+  assert r.step_s == 3.0 and r.bound == "ici:fsdp" and r.serial_s == 7.0
+  assert r.mfu == pytest.approx(0.6)
+  assert r.tokens_per_s_per_chip == pytest.approx(6000 / 4 / 3)
+
+
+def test_mesh_candidates_split_the_batch():
+  c = mesh_candidates(16, 8, heads=4)
+  assert c and all(d * f * t == 16 and 8 % (d * f) == 0 and 4 % t == 0 for d, f, t in c)
+  assert (1, 8, 2) in c and (2, 8, 1) not in c          # 16 batch shards do not divide 8
+  assert all(d % 2 == 0 for d, _, _ in mesh_candidates(16, 16, num_slices=2))
+
+
+def _fake(step_s, fits, mesh):
+  return {"mesh": dict(zip(("data", "fsdp", "tensor"), mesh)), "memory_per_chip": {"fits": fits},
+          "roofline": {"step_s": step_s}}
+
+
+def test_ranking_never_picks_a_plan_that_does_not_fit():
+  plans = [_fake(0.5, False, (1, 4, 1)), _fake(1.0, True, (2, 2, 1)), _fake(0.8, True, (1, 2, 2)),
+           {"error": "compile failed", "mesh_arg": "4,1,1"}]
+  ranked = rank(plans)
+  assert [r["roofline"]["step_s"] for r in ranked] == [0.8, 1.0]
+  assert all(r["memory_per_chip"]["fits"] for r in ranked)
+
+
+def test_optimizer_shardings_equal_optax_tree_map_params():
+  from configs.quicksviewer import get_config
+  from qv_jax.sharding import make_mesh
+  from qv_jax.train.state import train_state_spec
+  c = get_config("size=tiny,stage=3")
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  abstract, spec = train_state_spec(c, make_mesh(c.mesh))
+  rep = spec.shardings.step
+  ref = optax.tree_map_params(spec.tx, lambda _, s: s, jax.eval_shape(spec.tx.init, abstract.params),
+                              jax.tree.map(lambda x: x.sharding, abstract.params),
+                              transform_non_params=lambda _: rep)
+  assert jax.tree.structure(ref) == jax.tree.structure(spec.shardings.opt_state)
+  assert jax.tree.leaves(ref) == jax.tree.leaves(spec.shardings.opt_state)
+  assert any(s.spec != P() for s in jax.tree.leaves(ref))
+
+
+def test_check_config_takes_the_targets_process_count():
+  from configs.quicksviewer import get_config
+  from qv_jax.sharding import make_mesh
+  from qv_jax.train.loop import check_config
+  c = get_config("size=tiny,stage=3")
+  c.data.batch_size = 8
+  mesh = make_mesh(c.mesh)
+  check_config(c, mesh, process_count=4)
+  with pytest.raises(ConfigError, match="3 processes"):
+    check_config(c, mesh, process_count=3)
+
+
+def test_topology_and_mesh_errors_name_the_flag():
+  with pytest.raises(ConfigError, match="--topology.*unknown chip"):
+    parse_topology("v9x:2x2")
+  with pytest.raises(ConfigError, match="--topology.*expected"):
+    parse_topology("v5e")
+  assert parse_topology("v5p:4x4x8") == (CHIPS["v5p"], (4, 4, 8))
+  with pytest.raises(ConfigError, match="--mesh.*6 chips.*has 4"):
+    check_mesh_shape((2, 3, 1), 4)
+  assert check_mesh_shape((1, -1, 2), 16) == (1, 8, 2)
+
+
+def test_without_libtpu_the_message_says_how_to_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "libtpu", None)
+  with pytest.raises(ConfigError, match=r"pip install -e '\.\[tpu\]'"):
+    load_target("v5e:2x2")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--topology", "v5e:2x2", "--mesh", "2,3,1"], "--mesh`: 2x3x1 = 6 chips, but the target has 4"),
+    (["--topology", "v5e:2x2", "--mesh", "1,4,1", "--batch", "6"], "global batch 6 does not split"),
+    (["--topology", "tpu9:2x2"], "--topology"),
+    (["--topology", "v5e:4x4", "--mesh", "1,2,8", "--batch", "2"], "does not split over the 4 hosts of v5e:4x4"),
+])
+def test_cli_bad_input_is_one_line_before_compiling(args, expected, tmp_path):
+  out = subprocess.run([sys.executable, "-m", "launch.plan", "--config", "configs/quicksviewer.py:size=tiny,stage=3",
+                        "--out", str(tmp_path)] + args, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  lines = [l for l in out.stderr.splitlines() if l.startswith("launch.plan:")]
+  assert len(lines) == 1 and expected in lines[0], out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
