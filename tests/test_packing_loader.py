@@ -171,15 +171,18 @@ def test_resume_mid_stream_is_bit_identical_with_a_held_sample_and_skips():
 
 
 def test_loader_packs_resumes_exactly_and_skips_too_long_samples(world):  # noqa: F811
-  config = loader_config(world, seq_buckets=(64, 96), pack_samples=3)
   lengths = {}
-  for batch in loader.make_dataset(loader_config(world, seq_buckets=(4096,), pack_samples=3),
+  for batch in loader.make_dataset(loader_config(world, pack_samples=3, drop_remainder=False),
                                    num_epochs=1, seed=3):
     for r, j in zip(*np.nonzero(batch["modality"] != MODALITY_EMPTY)):
       lengths[int(batch["sample_id"][r, j])] = int((batch["segment_ids"][r] == j).sum())
-  too_long = {i for i, n in lengths.items() if n > 96}
+  assert set(lengths) == set(_good(world))
+  limit = max(lengths.values()) - 1
+  too_long = {i for i, n in lengths.items() if n > limit}
   assert too_long and len(too_long) < len(lengths)
-  it = iter(loader.make_dataset(config, num_epochs=1, seed=3))
+  config = loader_config(world, seq_buckets=(limit // 2, limit), pack_samples=3)
+  it = iter(loader.make_dataset(loader_config(world, seq_buckets=(limit // 2, limit), pack_samples=3,
+                                               drop_remainder=False), num_epochs=1, seed=3))
   got = [sid for b in it for sid in b["sample_id"][b["modality"] != MODALITY_EMPTY].tolist()]
   assert set(got) == set(lengths) - too_long
   assert it.loader_stats()["skipped/too_long"] == len(too_long)
