@@ -179,3 +179,20 @@ def test_train_step_on_packed_rows_gives_the_unpacked_loss_and_metrics(setup):
   slots = 2 * _packed(config, [samples[:2], samples[2:]])["segment_ids"].shape[1]
   np.testing.assert_allclose(packed["padding_fraction"], 1 - packed["merged_tokens"] / slots, rtol=1e-6)
   assert 0 < float(packed["padding_fraction"]) < float(solo["padding_fraction"])
+
+
+def test_chunked_attention_with_segments_equals_plain_and_never_crosses_segments():
+  from qv_jax.model.attention import attend
+  rng = np.random.default_rng(0)
+  b, length, h, kv, hd = 2, 40, 4, 2, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(b, length, n, hd)), jnp.float32) for n in (h, kv, kv))
+  segments = jnp.asarray(np.repeat([[0, 1, 2, -1], [0, 0, 1, 1]], [12, 9, 14, 5], axis=1)[:, :length])
+  valid = segments >= 0
+  slots = jnp.arange(length, dtype=jnp.int32)
+  plain = attend(q, k, v, slots, valid, segment_ids=segments)
+  chunked = attend(q, k, v, slots, valid, impl="chunked", chunk=16, segment_ids=segments)
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(plain), rtol=1e-6, atol=1e-6)
+  # Row 0's second segment alone gives the same outputs.
+  alone = attend(q[:1, 12:21], k[:1, 12:21], v[:1, 12:21], jnp.arange(9, dtype=jnp.int32),
+                 jnp.ones((1, 9), bool))
+  np.testing.assert_allclose(np.asarray(plain[:1, 12:21]), np.asarray(alone), rtol=1e-6, atol=1e-6)
