@@ -73,7 +73,7 @@ def run(config, batches: list[dict], label: str) -> dict:
         if key not in compiled:
           compiled[key] = jit_train_step(step, spec, {k: v.sharding for k, v in batch.items()}).lower(
               state, batch).compile()
-          jax.block_until_ready(compiled[key](state, batch))     # warm-up, not timed
+          state, _ = jax.block_until_ready(compiled[key](state, batch))     # warm-up, not timed
         start = time.perf_counter()
         state, metrics = compiled[key](state, batch)
         metrics = jax.device_get(metrics)

@@ -199,3 +199,25 @@ def test_loader_packs_resumes_exactly_and_skips_too_long_samples(world):  # noqa
     for k in PACKED_KEYS:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert fresh.loader_stats() == it.loader_stats()
+
+
+def test_loader_packed_resume_with_two_workers_is_bit_identical(world):  # noqa: F811
+  config = loader_config(world, pack_samples=3, num_workers=2)
+  it = iter(loader.make_dataset(config, seed=4))
+  try:
+    _ = [next(it) for _ in range(2)]
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(3)]
+    expected_stats = it.loader_stats()
+  finally:
+    it.close()
+  fresh = iter(loader.make_dataset(config, seed=4))
+  try:
+    fresh.set_state(state)
+    for a in expected:
+      b = next(fresh)
+      for k in PACKED_KEYS:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert fresh.loader_stats() == expected_stats
+  finally:
+    fresh.close()
