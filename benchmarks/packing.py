@@ -128,7 +128,8 @@ def main(argv=None) -> None:
   emit(dict(info, **result_before))
   emit(dict(info, **result_after))
   emit(dict(info, setting="ratio after/before",
-            useful_tokens_per_s=round(result_after["useful_tokens_per_s"] / result_before["useful_tokens_per_s"], 3),
+            useful_tokens_per_s=round(result_after["useful_tokens_per_s"]
+                                      / result_before["useful_tokens_per_s"], 3),
             padding_before=result_before["padding_fraction"], padding_after=result_after["padding_fraction"]))
 
 

@@ -35,17 +35,17 @@ import grain
 import numpy as np
 
 from data_pipeline import collate as collate_lib
+from data_pipeline import packing as packing_lib
 from data_pipeline import stats as stats_lib
 from data_pipeline import tfds_builder
 from data_pipeline.errors import BadSampleError
 from data_pipeline.image import DEFAULT_PINPOINTS, read_image_crops
 from data_pipeline.preprocess import normalize
 from data_pipeline.prompt import tokenize_sample
+from data_pipeline.seq_buckets import bound_settings, merged_length_bound, packed_layout, sequence_buckets
 from data_pipeline.tokenizer import load_tokenizer, pad_token_id
 from data_pipeline.video import read_video
-from data_pipeline import packing as packing_lib
-from data_pipeline.seq_buckets import bound_settings, merged_length_bound, packed_layout, sequence_buckets
-from qv_jax.batch import IMAGE_TOKEN_INDEX, batch_keys, MODALITY_IMAGE, MODALITY_VIDEO
+from qv_jax.batch import IMAGE_TOKEN_INDEX, MODALITY_IMAGE, MODALITY_VIDEO, batch_keys
 from qv_jax.config.data import validate_data
 from qv_jax.config.errors import ConfigError, require
 

@@ -221,3 +221,16 @@ def test_loader_packed_resume_with_two_workers_is_bit_identical(world):  # noqa:
     assert fresh.loader_stats() == expected_stats
   finally:
     fresh.close()
+
+
+def test_config_validation_names_the_field():
+  from qv_jax.config import ConfigError
+  from qv_jax.config.data import validate_data
+  config = tiny_config(1)
+  for field, value in (("seq_buckets", (256, 128)), ("seq_buckets", (64, 4096)), ("pack_samples", 0)):
+    c = tiny_config(1)
+    setattr(c.data, field, value)
+    with pytest.raises(ConfigError, match=f"data.{field}"):
+      validate_data(c.data, c.model)
+  config.data.seq_buckets, config.data.pack_samples = (64, 128), 4
+  validate_data(config.data, config.model)

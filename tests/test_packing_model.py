@@ -148,25 +148,28 @@ def test_changing_one_sample_leaves_the_others_logits_unchanged(setup):
       np.testing.assert_array_equal(a, b)
 
 
-def test_train_step_on_packed_rows_gives_the_unpacked_loss_and_metrics(setup):
+@pytest.mark.slow
+def test_train_step_on_packed_rows_gives_the_unpacked_loss_and_metrics():
   """Global token mean, per-sample aux averaged over the videos, per-sample CE, with 2 micro-batches."""
   from qv_jax.sharding import axis_rules, make_mesh
   from qv_jax.train.loop import to_global
   from qv_jax.train.state import create_train_state
   from qv_jax.train.step import make_train_step
 
-  config, samples, rows, _, _, _, _ = setup
+  config = _config()
+  _, samples = _samples(config, range(4))
   solo_config = _solo_config(4)
-  samples = samples[:4]
   packed_config = _config()
   packed_config.data.batch_size = 2
+  packed_batch = _packed(config, [samples[:2], samples[2:]])
+  solo_batch = SyntheticBatches(solo_config, seed=5, image_fraction=0.5).batch_for(
+      [x["sample_id"] for x in samples])
+  mesh = make_mesh(solo_config.mesh, [jax.devices()[0]])
   results = []
-  for cfg, batch in ((solo_config, SyntheticBatches(solo_config, seed=5, image_fraction=0.5).batch_for(
-      [x["sample_id"] for x in samples])), (packed_config, _packed(config, [samples[:2], samples[2:]]))):
-    cfg.train.grad_accum = 2
-    mesh = make_mesh(cfg.mesh, [jax.devices()[0]])
-    with jax.set_mesh(mesh), axis_rules(cfg.sharding_rules):
-      state, spec = create_train_state(cfg, mesh)
+  with jax.set_mesh(mesh), axis_rules(solo_config.sharding_rules):
+    state, spec = create_train_state(solo_config, mesh)
+    for cfg, batch in ((solo_config, solo_batch), (packed_config, packed_batch)):
+      cfg.train.grad_accum = 2
       _, metrics = jax.jit(make_train_step(spec.graphdef, cfg, spec.tx))(state, to_global(batch, mesh))
       results.append(jax.device_get(metrics))
   solo, packed = results
@@ -176,7 +179,7 @@ def test_train_step_on_packed_rows_gives_the_unpacked_loss_and_metrics(setup):
   order = np.argsort(packed["sample_id"])[-4:]                # drop the empty slots (sample_id -1)
   np.testing.assert_array_equal(packed["sample_id"][order], solo["sample_id"])
   np.testing.assert_allclose(packed["sample_ce"][order], solo["sample_ce"], rtol=1e-5)
-  slots = 2 * _packed(config, [samples[:2], samples[2:]])["segment_ids"].shape[1]
+  slots = 2 * packed_batch["segment_ids"].shape[1]
   np.testing.assert_allclose(packed["padding_fraction"], 1 - packed["merged_tokens"] / slots, rtol=1e-6)
   assert 0 < float(packed["padding_fraction"]) < float(solo["padding_fraction"])
 

@@ -67,7 +67,8 @@ class Quicksviewer(nnx.Module):
         num_cube_slots=kmax, image_len=q if image_tokens is None else image_tokens.shape[2],
         num_image_slots=features.shape[1], max_seq_len=seq_len,
         token_slot=batch.get("token_slot"), sample_offset=batch.get("sample_offset"))
-    flat = lambda x: None if x is None else x.reshape((rows, -1) + x.shape[2:])   # slots of a row, one after another
+    # A row's bank holds its slots' visual tokens one slot after another.
+    flat = lambda x: None if x is None else x.reshape((rows, -1) + x.shape[2:])
     merged = assembly.assemble(plan, text_embeds, flat(cubes.thumbnail), flat(cubes.cube_tokens),
                                flat(image_tokens), batch["labels"])
     return merged, cubes

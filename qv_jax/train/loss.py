@@ -46,7 +46,8 @@ def chunked_cross_entropy(hidden: jax.Array, labels: jax.Array, logits_fn, chunk
     picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - picked
     onehot = (seg[..., None] == jnp.arange(num_segments)[None, None, :]) & valid[..., None]
-    return jnp.einsum("bc,bcp->bp", jnp.where(valid, nll, 0.0), onehot.astype(nll.dtype)), onehot.sum(1).astype(jnp.float32)
+    ce = jnp.einsum("bc,bcp->bp", jnp.where(valid, nll, 0.0), onehot.astype(nll.dtype))
+    return ce, onehot.sum(1).astype(jnp.float32)
 
   def body(carry, xs):
     ce, cnt = one(*xs)

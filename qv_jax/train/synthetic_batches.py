@@ -81,7 +81,8 @@ class SyntheticBatches:
     return out
 
   def processed(self, sid: int) -> dict:
-    """Sample `sid` as the loader's workers give it (data_pipeline/collate.py): with timestamps, sample_id, epoch."""
+    """Sample `sid` as the loader's workers give it (data_pipeline/collate.py): with timestamps, sample_id,
+    epoch."""
     x = {k: (np.asarray(v, np.int32) if k in ("input_ids", "labels", "token_frame") else v)
          for k, v in self.sample(sid).items()}
     n = len(x["frames"])
