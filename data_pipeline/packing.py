@@ -126,7 +126,7 @@ class _PackingBatchIterator(collate_lib._SkipCountingBatchIterator):
     if self._held is not None:
       sample, _ = self._held
       self._held = None
-      packer.add(sample)
+      self._place_first(sample)
       epoch, truncated = sample["epoch"], int(sample.get("truncated", False))
     while packer.count < packer.rows * packer.slots:
       element, epoch, before = self._read(events, epoch, track_state=True)
@@ -137,7 +137,9 @@ class _PackingBatchIterator(collate_lib._SkipCountingBatchIterator):
         if events:
           return {"_meta": self._meta(epoch, events, [], 0)}
         raise StopIteration
-      if not packer.add(element):
+      if not packer.count:
+        self._place_first(element)
+      elif not packer.add(element):
         self._held = (element, before)
         break
       truncated += int(element.get("truncated", False))
@@ -146,6 +148,11 @@ class _PackingBatchIterator(collate_lib._SkipCountingBatchIterator):
     batch = self._collator(rows, self._alloc)
     batch["_meta"] = self._meta(epoch, events, [x["epoch"] for row in rows for x in row], truncated)
     return batch
+
+  def _place_first(self, sample: dict) -> None:
+    if not self._packer.add(sample):
+      raise ValueError(f"sample {sample['sample_id']}: merged length bound {sample['merged_bound']} > the "
+                       f"largest sequence bucket {self._packer.max_len} (the loader skips these as too_long)")
 
   def get_state(self):
     return self._parent.get_state() if self._state is None else self._state
