@@ -128,29 +128,38 @@ class _SkipCountingBatchIterator(grain.DatasetIterator):
   def __next__(self):
     rows, events, epoch, truncated = [], [], 0, 0
     while len(rows) < self._batch_size:
-      try:
-        element = next(self._parent)
-      except StopIteration:
+      element, epoch, _ = self._read(events, epoch)
+      if element is None:
         if rows and not self._drop_remainder:
           break
         if events:
           return {"_meta": self._meta(epoch, events, [], 0)}
-        raise
-      epoch = element["skip"][0] if "skip" in element else element["epoch"]
-      if "skip" in element:
-        events.append(element["skip"])
-        self._run += 1
-        if self._run >= self._max_run:
-          raise NoUsableSamplesError(
-              f"{self._where}: {self._run} records in a row were bad (last: {element['skip'][3]}); check the "
-              "dataset's media root and jsonl")
-      else:
-        self._run = 0
-        rows.append(element)
-        truncated += int(element.get("truncated", False))
+        raise StopIteration
+      rows.append(element)
+      truncated += int(element.get("truncated", False))
     batch = self._collator(rows, self._alloc)
     batch["_meta"] = self._meta(epoch, events, [r["epoch"] for r in rows], truncated)
     return batch
+
+  def _read(self, events: list, epoch: int, track_state: bool = False):
+    """The next good sample, appending skip events on the way: (sample or None at the end, epoch, the
+    parent's state just before that sample when track_state)."""
+    while True:
+      before = self._parent.get_state() if track_state else None
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        return None, epoch, None
+      if "skip" not in element:
+        self._run = 0
+        return element, element["epoch"], before
+      epoch = element["skip"][0]
+      events.append(element["skip"])
+      self._run += 1
+      if self._run >= self._max_run:
+        raise NoUsableSamplesError(
+            f"{self._where}: {self._run} records in a row were bad (last: {element['skip'][3]}); check the "
+            "dataset's media root and jsonl")
 
   @staticmethod
   def _meta(epoch, events, row_epochs, truncated) -> dict:

@@ -8,7 +8,10 @@ Pipeline (grain `MapDataset` / `IterDataset`):
   -> SkipCountingBatch: drop bad samples, count them, pad to the batch's frame bucket -> mp_prefetch(workers)
   -> LoaderIterator (main process): adds up skip counts, logs epoch reports, strips the bookkeeping.
 
-Batches have exactly the keys of `qv_jax.batch.BATCH_KEYS`, B = data.batch_size / process_count rows.
+Batches have exactly the keys of `qv_jax.batch.BATCH_KEYS`, B = data.batch_size / process_count rows; with
+data.seq_buckets or data.pack_samples > 1 the packed layout (`PACKED_KEYS`, data_pipeline/packing.py): B rows
+of up to pack_samples samples, a sample whose merged-length bound exceeds the largest bucket skipped as
+"too_long".
 `sample_id` is the record's index in the split (its jsonl line order). The iterator's `get_state()` is a
 JSON-serialisable dict (grain pipeline position + skip counters); `set_state()` on a fresh iterator of the same
 loader (same config, seed, process and worker count) reproduces the following batches exactly. The iterator is
@@ -32,16 +35,18 @@ import grain
 import numpy as np
 
 from data_pipeline import collate as collate_lib
+from data_pipeline import packing as packing_lib
 from data_pipeline import stats as stats_lib
 from data_pipeline import tfds_builder
 from data_pipeline.errors import BadSampleError
 from data_pipeline.image import DEFAULT_PINPOINTS, read_image_crops
 from data_pipeline.preprocess import dummy_image, normalize
 from data_pipeline.prompt import tokenize_sample
+from data_pipeline.seq_buckets import bound_settings, merged_length_bound, packed_layout, sequence_buckets
 from data_pipeline.tokenizer import load_tokenizer, pad_token_id
 from data_pipeline.tsv_frames import read_frame_list
 from data_pipeline.video import read_video
-from qv_jax.batch import BATCH_KEYS, IMAGE_TOKEN_INDEX, MODALITY_IMAGE, MODALITY_VIDEO
+from qv_jax.batch import IMAGE_TOKEN_INDEX, MODALITY_IMAGE, MODALITY_VIDEO, batch_keys
 from qv_jax.config.data import validate_data
 from qv_jax.config.errors import ConfigError, require
 
@@ -76,6 +81,8 @@ class SampleSettings:
   decode_threads: int = 1
   decode_strategy: str = "auto"
   min_frames: int = 2
+  max_merged_len: int = 0          # > 0 (packed layout): the largest sequence bucket; longer samples are skipped
+  bound: tuple = ()                # seq_buckets.bound_settings as (key, value) pairs
 
 
 class SampleProcessor:
@@ -163,6 +170,13 @@ class SampleProcessor:
                            f"{expected_placeholders} for this {modality} sample ({len(frames)} frames/crops)")
     sample = fit_text({k: np.asarray(tokens[k], np.int32) for k in ("input_ids", "labels", "token_frame")},
                       s.max_text_len)
+    if s.max_merged_len:
+      sample["merged_bound"] = merged_length_bound(sample["input_ids"], sample["token_frame"],
+                                                   MODALITY_VIDEO if modality == "video" else MODALITY_IMAGE,
+                                                   len(frames), **dict(s.bound))
+      if sample["merged_bound"] > s.max_merged_len:
+        raise BadSampleError("too_long", f"merged sequence of up to {sample['merged_bound']} tokens > the "
+                             f"largest sequence bucket {s.max_merged_len} (data.seq_buckets / max_seq_len)")
     if s.normalize_on_host and frames.dtype == np.uint8:
       frames = normalize(frames)
     n = len(frames)
@@ -227,7 +241,7 @@ class LoaderIterator(grain.DatasetIterator):
         raise
       self._skip_stats.update(element["_meta"])
       if "frames" in element:
-        return {key: element[key] for key in BATCH_KEYS}
+        return {key: element[key] for key in batch_keys(element)}
 
   def get_state(self) -> dict[str, Any]:
     return {"pipeline": self._parent.get_state(), "skips": self._skip_stats.state()}
@@ -310,17 +324,26 @@ def make_dataset(config, *, split: str = "train", process_index: int = 0, proces
       tokenizer_path=tokenizer_path, max_text_len=int(d.max_text_len), max_images=int(d.max_images),
       max_bucket=int(max(d.frame_buckets)), normalize_on_host=bool(d.normalize_on_host),
       decode_threads=int(d.decode_threads), decode_strategy=str(d.decode_strategy),
-      min_frames=int(d.min_frames))
-  collator = collate_lib.Collator(image_size=settings.image_size, max_text_len=settings.max_text_len,
-                                  frame_buckets=d.frame_buckets, pad_id=pad_id,
-                                  normalize_on_host=settings.normalize_on_host)
+      min_frames=int(d.min_frames), max_merged_len=sequence_buckets(d)[-1] if packed_layout(d) else 0,
+      bound=tuple(bound_settings(config.model).items()))
+  if packed_layout(d):
+    collator = packing_lib.PackedCollator(
+        image_size=settings.image_size, max_text_len=settings.max_text_len, frame_buckets=d.frame_buckets,
+        seq_buckets=sequence_buckets(d), slots=int(d.pack_samples), pad_id=pad_id,
+        normalize_on_host=settings.normalize_on_host)
+    batching = packing_lib.PackingBatch
+  else:
+    collator = collate_lib.Collator(image_size=settings.image_size, max_text_len=settings.max_text_len,
+                                    frame_buckets=d.frame_buckets, pad_id=pad_id,
+                                    normalize_on_host=settings.normalize_on_host)
+    batching = collate_lib.SkipCountingBatch
   context = f"{d.dataset_dir}:{split} process {process_index}/{process_count} "
 
   ds = record_order(records, seed=seed, process_index=process_index, process_count=process_count,
                     num_epochs=num_epochs, shuffle=shuffle).map(SampleProcessor(source, settings))
   read_options = grain.ReadOptions(num_threads=int(d.get("read_threads", 2)),
                                    prefetch_buffer_size=int(d.get("read_buffer", 4)))
-  batches = collate_lib.SkipCountingBatch(
+  batches = batching(
       ds.to_iter_dataset(read_options), batch_size=batch_size, collator=collator,
       drop_remainder=bool(d.drop_remainder), where=context.strip(),
       max_consecutive_skips=min(2 * per_process + 1, MAX_CONSECUTIVE_SKIPS))

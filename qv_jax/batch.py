@@ -21,12 +21,31 @@ first placeholder is the thumbnail; a kept frame placeholder becomes the 64 toke
 starts. Image placeholders become the 64 tokens of their crop, in order. So after `<thumbnail_end>` the
 chunk `{ts_0}` carries token_frame 0 (frame 0 always starts a cube), and between frame f-1's and frame
 f's placeholders the chunk `{ts_f}` carries token_frame f.
+
+Packed layout (data.seq_buckets / data.pack_samples, `data_pipeline/packing.py`; docs/packing.md). A batch
+holding `segment_ids` is packed: R = rows, P = data.pack_samples sample slots per row, T = R's text length
+(data.max_text_len · P), N = the row's sequence bucket (static decoder length).
+
+| key           | dtype   | shape              | meaning |
+|---------------|---------|--------------------|---------|
+| frames        | uint8   | [R, P, F, S, S, 3] | per sample slot, as above (zeros in an empty slot) |
+| num_frames, modality, sample_id | int32 | [R, P] | per slot; an empty slot has modality MODALITY_EMPTY, 0 frames, sample_id -1 |
+| timestamps    | float32 | [R, P, F]          | per slot |
+| input_ids, labels, token_frame, token_valid | | [R, T] | the row's samples' pre-merge tokens back to back, slot 0 first |
+| token_slot    | int32   | [R, T]             | the sample slot 0..P-1 a token belongs to; -1 on padding |
+| sample_offset | int32   | [R, P]             | first decoder slot of each sample's merged sequence (reserved: its exact length bound) |
+| segment_ids   | int32   | [R, N]             | sample slot owning each decoder slot's reservation, -1 past the last; its shape is the static N |
+
+Each sample's merged sequence starts at its offset with positions 0, 1, ...; attention never crosses
+samples; a sample's first label is never a target (the one-token shift stops at sample boundaries), so
+every token of a packed row gets the logits, loss and gradients of its sample run alone.
 """
 
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
 MODALITY_IMAGE = 0
 MODALITY_VIDEO = 1
+MODALITY_EMPTY = -1      # an unused sample slot of a packed row
 
 SPECIAL_TOKENS = (
     "<patch_start>", "<patch_end>",
@@ -37,6 +56,17 @@ SPECIAL_TOKENS = (
 
 BATCH_KEYS = ("frames", "num_frames", "modality", "input_ids", "labels", "token_frame", "token_valid",
               "timestamps", "sample_id")
+PACKED_KEYS = BATCH_KEYS + ("token_slot", "sample_offset", "segment_ids")
+SLOT_KEYS = ("frames", "num_frames", "modality", "timestamps", "sample_id")   # [R, P, ...] when packed
+
+
+def is_packed(batch) -> bool:
+  return "segment_ids" in batch
+
+
+def batch_keys(batch) -> tuple[str, ...]:
+  """The contract keys this batch carries (BATCH_KEYS, or PACKED_KEYS for a packed batch)."""
+  return PACKED_KEYS if is_packed(batch) else BATCH_KEYS
 
 
 def batch_shapes(config, batch_size: int, num_frames: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -55,3 +85,16 @@ def batch_shapes(config, batch_size: int, num_frames: int) -> dict[str, tuple[tu
       "timestamps": ((batch_size, num_frames), "float32"),
       "sample_id": ((batch_size,), "int32"),
   }
+
+
+def packed_batch_shapes(config, rows: int, num_frames: int, seq_len: int
+                        ) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{key: (shape, dtype name)} of a packed batch: `rows` rows, frame bucket F, sequence bucket N."""
+  p = int(config.data.pack_samples)
+  flat = batch_shapes(config, rows * p, num_frames)
+  out = {}
+  for k, (shape, dtype) in flat.items():
+    out[k] = ((rows, p) + shape[1:], dtype) if k in SLOT_KEYS else ((rows, shape[1] * p), dtype)
+  out.update(token_slot=((rows, config.data.max_text_len * p), "int32"), sample_offset=((rows, p), "int32"),
+             segment_ids=((rows, seq_len), "int32"))
+  return out

@@ -10,7 +10,9 @@ a length (0 dropped, 1 text, T thumbnail, Q cube or image crop) and a base index
 
 and every output slot s finds its source token by `searchsorted` over the cumulative lengths, so the merged
 sequence is one gather into [B, max_seq_len, D]. Real tokens take positions 0..n-1; the rest is padding
-(mask False). Tokens past max_seq_len are cut and counted (`truncated`).
+(mask False). Tokens past max_seq_len are cut and counted (`truncated`). A packed row (qv_jax/batch.py)
+holds several samples' tokens: each token's end slot is its sample's offset plus the sizes of the earlier
+tokens of the same sample, so every sample lands at its own offset with positions restarting at 0.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class SequencePlan:
   positions: jax.Array     # int32 0..n-1 over real tokens, 0 on padding
   length: jax.Array        # [B] int32 merged length before truncation
   kind: jax.Array          # [B, L] int32 per pre-merge token: KIND_*
+  segment_ids: jax.Array   # int32 sample slot of the slot's token, -1 on padding
 
 
 @flax.struct.dataclass
@@ -43,24 +46,36 @@ class Assembled:
   labels: jax.Array        # [B, S] int32, IGNORE_INDEX on visual tokens and padding
   positions: jax.Array     # [B, S] int32
   mask: jax.Array          # [B, S] bool
+  segment_ids: jax.Array   # [B, S] int32 sample slot in a packed row (0 unpacked), -1 on padding
   length: jax.Array        # [B] int32 merged length before truncation
   truncated: jax.Array     # [B] int32 tokens cut at max_seq_len
 
 
 def plan_sequence(input_ids, token_frame, token_valid, modality, boundary, cube_ids, *, thumb_len: int,
                   cube_len: int, num_cube_slots: int, image_len: int, num_image_slots: int,
-                  max_seq_len: int) -> SequencePlan:
+                  max_seq_len: int, token_slot=None, sample_offset=None) -> SequencePlan:
   """Plans the merge. input_ids/token_frame/token_valid [B, L]; modality [B]; boundary [B, F] (> 0.5 where a
   cube starts); cube_ids [B, F]. Static: thumb_len T, cube_len Q, num_cube_slots Kmax, image_len, the image
-  slots I (frames of an image sample) and max_seq_len S."""
+  slots I (frames of an image sample) and max_seq_len S.
+
+  Packed rows (qv_jax/batch.py): token_slot [B, L] (sample slot of each token, -1 on padding) and
+  sample_offset [B, P]; modality [B, P], boundary / cube_ids [B, P, F]. Sample p's merged sequence starts at
+  slot sample_offset[:, p] with position 0; the bank holds P thumbnails, P·Kmax cubes and P·I crops."""
   b, length = input_ids.shape
-  num_frames = boundary.shape[1]
-  is_video = (modality == MODALITY_VIDEO)[:, None]
+  if token_slot is None:
+    token_slot = jnp.where(token_valid, 0, -1).astype(jnp.int32)
+    sample_offset = jnp.zeros((b, 1), jnp.int32)
+    modality, boundary, cube_ids = modality[:, None], boundary[:, None], cube_ids[:, None]
+  num_slots, num_frames = boundary.shape[1], boundary.shape[2]
+  slot = jnp.clip(token_slot, 0, num_slots - 1)
+  in_sample = token_slot >= 0
+  is_video = jnp.take_along_axis(modality, slot, axis=1) == MODALITY_VIDEO
   placeholder = input_ids == IMAGE_TOKEN_INDEX
   frame = jnp.clip(token_frame, 0, num_frames - 1)
-  starts = jax.lax.stop_gradient(boundary) > 0.5
-  frame_kept = jnp.take_along_axis(starts, frame, axis=1) & (token_frame >= 0)
-  keep = token_valid & ((token_frame < 0) | frame_kept)
+  frame_of_token = slot * num_frames + frame
+  starts = (jax.lax.stop_gradient(boundary) > 0.5).reshape(b, -1)
+  frame_kept = jnp.take_along_axis(starts, frame_of_token, axis=1) & (token_frame >= 0)
+  keep = token_valid & in_sample & ((token_frame < 0) | frame_kept)
 
   text = keep & ~placeholder
   thumb = keep & placeholder & is_video & (token_frame < 0)
@@ -69,18 +84,31 @@ def plan_sequence(input_ids, token_frame, token_valid, modality, boundary, cube_
   kind = (text * KIND_TEXT + thumb * KIND_THUMB + cube * KIND_CUBE + image * KIND_IMAGE).astype(jnp.int32)
   sizes = (text * 1 + thumb * thumb_len + cube * cube_len + image * image_len).astype(jnp.int32)
 
-  cube_of_token = jnp.take_along_axis(cube_ids.astype(jnp.int32), frame, axis=1)
-  image_of_token = jnp.clip(jnp.cumsum(placeholder & ~is_video, axis=1) - 1, 0, num_image_slots - 1)
-  thumb_base = length
-  cube_base = thumb_base + thumb_len
-  image_base = cube_base + num_cube_slots * cube_len
-  token_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-  base = jnp.where(text, token_index,
-                   jnp.where(thumb, thumb_base,
-                             jnp.where(cube, cube_base + jnp.clip(cube_of_token, 0, num_cube_slots - 1)
-                                       * cube_len, image_base + image_of_token * image_len)))
+  slot_onehot = (token_slot[:, :, None] == jnp.arange(num_slots)[None, None, :]).astype(jnp.int32)
+  def before_sample(per_token):
+    """[B, L] -> [B, L]: the sum of per_token over the tokens of earlier sample slots."""
+    per_slot = jnp.einsum("bl,blp->bp", per_token.astype(jnp.int32), slot_onehot)
+    earlier = jnp.cumsum(per_slot, axis=1) - per_slot
+    return jnp.take_along_axis(earlier, slot, axis=1)
 
-  ends = jnp.cumsum(sizes, axis=1)                                 # [B, L] exclusive end of each token
+  cube_of_token = jnp.take_along_axis(cube_ids.astype(jnp.int32).reshape(b, -1), frame_of_token, axis=1)
+  image_placeholder = placeholder & ~is_video & in_sample
+  image_in_sample = jnp.cumsum(image_placeholder, axis=1) - before_sample(image_placeholder) - 1
+  image_of_token = jnp.clip(image_in_sample, 0, num_image_slots - 1)
+  thumb_base = length
+  cube_base = thumb_base + num_slots * thumb_len
+  image_base = cube_base + num_slots * num_cube_slots * cube_len
+  token_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+  cube_slot = slot * num_cube_slots + jnp.clip(cube_of_token, 0, num_cube_slots - 1)
+  base = jnp.where(text, token_index,
+                   jnp.where(thumb, thumb_base + slot * thumb_len,
+                             jnp.where(cube, cube_base + cube_slot * cube_len,
+                                       image_base + (slot * num_image_slots + image_of_token) * image_len)))
+
+  offset_of_token = jnp.take_along_axis(sample_offset.astype(jnp.int32), slot, axis=1)
+  in_sample_end = jnp.cumsum(sizes, axis=1) - before_sample(sizes)
+  # [B, L] exclusive end slot of each token; a padding token ends where the previous one did (owns no slot)
+  ends = jax.lax.cummax(jnp.where(in_sample, offset_of_token + in_sample_end, 0), axis=1)
   slots = jnp.arange(max_seq_len, dtype=jnp.int32)
   src_token = jax.vmap(lambda e: jnp.searchsorted(e, slots, side="right"))(ends)
   src_token = jnp.clip(src_token, 0, length - 1).astype(jnp.int32)
@@ -89,11 +117,14 @@ def plan_sequence(input_ids, token_frame, token_valid, modality, boundary, cube_
   offset = slots[None, :] - (token_end - token_size)
   src_text = jnp.take_along_axis(text, src_token, axis=1)
   source = jnp.take_along_axis(base, src_token, axis=1) + jnp.where(src_text, 0, offset)
-  total = ends[:, -1]
-  mask = slots[None, :] < total[:, None]
+  mask = (offset >= 0) & (offset < token_size)
+  src_slot = jnp.take_along_axis(token_slot, src_token, axis=1)
+  positions = slots[None, :] - jnp.take_along_axis(offset_of_token, src_token, axis=1)
+  segments = jnp.where(mask, src_slot, -1)
+  total = sizes.sum(axis=1)
   return SequencePlan(source=jnp.where(mask, source, 0).astype(jnp.int32), is_text=src_text & mask,
-                      text_index=src_token, mask=mask, positions=jnp.where(mask, slots[None, :], 0),
-                      length=total, kind=kind)
+                      text_index=src_token, mask=mask, positions=jnp.where(mask, positions, 0),
+                      length=total, kind=kind, segment_ids=segments.astype(jnp.int32))
 
 
 def assemble(plan: SequencePlan, text_embeds, thumbnail, cube_tokens, image_tokens, labels) -> Assembled:
@@ -107,10 +138,12 @@ def assemble(plan: SequencePlan, text_embeds, thumbnail, cube_tokens, image_toke
   bank = constrain(jnp.concatenate(parts, axis=1), ("batch", None, "embed"))
   embeds = jnp.take_along_axis(bank, plan.source[..., None], axis=1)
   embeds = constrain(jnp.where(plan.mask[..., None], embeds, 0).astype(dtype), ("batch", "length", "embed"))
-  out_labels = jnp.where(plan.is_text, jnp.take_along_axis(labels, plan.text_index, axis=1), IGNORE_INDEX)
+  # A sample's first token is never a target: the one-token shift must not cross into another sample.
+  supervised = plan.is_text & (plan.positions > 0)
+  out_labels = jnp.where(supervised, jnp.take_along_axis(labels, plan.text_index, axis=1), IGNORE_INDEX)
   max_len = plan.mask.shape[1]
   return Assembled(embeds=embeds, labels=out_labels.astype(jnp.int32), positions=plan.positions,
-                   mask=plan.mask, length=plan.length,
+                   mask=plan.mask, segment_ids=plan.segment_ids, length=plan.length,
                    truncated=jnp.maximum(plan.length - max_len, 0).astype(jnp.int32))
 
 

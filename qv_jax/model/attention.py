@@ -57,14 +57,17 @@ class OutProjection(nnx.Module):
     return jnp.einsum("blnh,nhd->bld", x.astype(self.dtype), self.kernel.get_value().astype(self.dtype))
 
 
-def _attend_block(q, k, v, q_slots, k_valid, scale):
-  """q [B, C, H, hd] at slots q_slots [C]; k, v [B, S, KV, hd]; k_valid [B, S] -> [B, C, H, hd]."""
+def _attend_block(q, k, v, q_slots, k_valid, scale, q_segment=None, k_segment=None):
+  """q [B, C, H, hd] at slots q_slots [C]; k, v [B, S, KV, hd]; k_valid [B, S] -> [B, C, H, hd].
+  q_segment [B, C] / k_segment [B, S]: a query sees only keys of its own segment (packed rows)."""
   b, c, h, hd = q.shape
   kv = k.shape[2]
   qg = q.reshape(b, c, kv, h // kv, hd)
   scores = jnp.einsum("bckgd,bskd->bkgcs", qg, k, preferred_element_type=jnp.float32) * scale
   causal = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :] <= q_slots[:, None]      # [C, S]
   visible = causal[None, None, None] & k_valid[:, None, None, None, :]
+  if q_segment is not None:
+    visible = visible & (q_segment[:, :, None] == k_segment[:, None, :])[:, None, None]
   scores = jnp.where(visible, scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgcs,bskd->bckgd", probs, v)
@@ -72,17 +75,18 @@ def _attend_block(q, k, v, q_slots, k_valid, scale):
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, k_valid: jax.Array, *,
-           impl: str = "plain", chunk: int = 512) -> jax.Array:
+           impl: str = "plain", chunk: int = 512, segment_ids: jax.Array | None = None) -> jax.Array:
   """Masked grouped-query attention, softmax in fp32 (HF eager semantics).
 
   q [B, L, H, hd] at slots q_slots [L] int32; k, v [B, S, KV, hd] at slots 0..S-1; k_valid [B, S] bool.
   impl "plain" holds the [B, H, L, S] scores whole; "chunked" runs `chunk` queries at a time under remat
-  (exact; memory [B, H, chunk, S]).
+  (exact; memory [B, H, chunk, S]). segment_ids [B, L] (L = S, no cache): block-diagonal causal attention
+  for packed rows, a query sees only its own sample's keys.
   """
   scale = 1.0 / float(np.sqrt(q.shape[-1]))
   length = q.shape[1]
   if impl == "plain" or length <= chunk:
-    return _attend_block(q, k, v, q_slots, k_valid, scale)
+    return _attend_block(q, k, v, q_slots, k_valid, scale, segment_ids, segment_ids)
   if impl != "chunked":
     raise ValueError(f"unknown attention impl {impl!r}; expected 'plain' or 'chunked'")
   n = -(-length // chunk)
@@ -91,13 +95,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, k_valid
   slots = jnp.pad(q_slots, (0, pad), constant_values=-1)
   qp = jnp.moveaxis(qp.reshape(q.shape[0], n, chunk, *q.shape[2:]), 1, 0)        # [n, B, C, H, hd]
   slots = slots.reshape(n, chunk)
+  segments = None
+  if segment_ids is not None:
+    segments = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+    segments = jnp.moveaxis(segments.reshape(q.shape[0], n, chunk), 1, 0)      # [n, B, C]
 
   @jax.checkpoint
   def block(args):
-    q_chunk, slot_chunk = args
-    return _attend_block(q_chunk, k, v, slot_chunk, k_valid, scale)
+    q_chunk, slot_chunk, segment_chunk = args
+    return _attend_block(q_chunk, k, v, slot_chunk, k_valid, scale, segment_chunk,
+                         None if segment_chunk is None else segment_ids)
 
-  out = jax.lax.map(block, (qp, slots))                                          # [n, B, C, H, hd]
+  out = jax.lax.map(block, (qp, slots, segments))                                          # [n, B, C, H, hd]
   out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * chunk, *q.shape[2:])
   return out[:, :length]
 
@@ -115,12 +124,13 @@ class Attention(nnx.Module):
     self.impl, self.chunk = cfg.attention_impl, int(cfg.attention_chunk)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, k_valid: jax.Array,
-               cache_kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0
-               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+               cache_kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """x [B, L, D] at slots index..index+L-1; cos/sin [B, L, hd]; k_valid [B, S] (S = L without a cache).
 
     cache_kv: this layer's cache (k, v) [B, S, KV, hd]; the new keys/values are written at `index`
-    for this call's attention. Returns (out [B, L, D], (k_new, v_new) [B, L, KV, hd]).
+    for this call's attention. segment_ids [B, L] (no cache): packed rows, attention never crosses
+    segments. Returns (out [B, L, D], (k_new, v_new) [B, L, KV, hd]).
     """
     q = constrain(apply_rope(self.q_proj(x), cos, sin), ("batch", "length", "heads", "head_dim"))
     k = constrain(apply_rope(self.k_proj(x), cos, sin), ("batch", "length", "kv_heads", "head_dim"))
@@ -133,5 +143,6 @@ class Attention(nnx.Module):
       k_all = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
       v_all = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
       k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
-    out = attend(q, k_all, v_all, q_slots, k_valid, impl=self.impl, chunk=self.chunk)
+    out = attend(q, k_all, v_all, q_slots, k_valid, impl=self.impl, chunk=self.chunk,
+                 segment_ids=segment_ids)
     return self.o_proj(out), (k, v)

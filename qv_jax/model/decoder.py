@@ -104,8 +104,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = DecoderRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **common)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, **common)
 
-  def __call__(self, x, cos, sin, k_valid, cache_kv=None, index=0):
-    attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, k_valid, cache_kv, index)
+  def __call__(self, x, cos, sin, k_valid, cache_kv=None, index=0, segment_ids=None):
+    attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, k_valid, cache_kv, index, segment_ids)
     x = constrain(x + attn, ("batch", "length", "embed"))
     x = x + self.mlp(self.post_attention_layernorm(x))
     return constrain(x, ("batch", "length", "embed")), kv
@@ -175,13 +175,13 @@ class Decoder(nnx.Module):
       logits = jnp.einsum("bld,dv->blv", h, kernel, preferred_element_type=jnp.float32)
     return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
-  def _run_layers(self, x, cos, sin, k_valid, cache):
+  def _run_layers(self, x, cos, sin, k_valid, cache, segment_ids=None):
     graphdef, state = nnx.split(self.layers)
     index = 0 if cache is None else cache.index
 
     def body(h, xs):
       layer_state, cache_kv = xs
-      h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, k_valid, cache_kv, index)
+      h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, k_valid, cache_kv, index, segment_ids)
       return h, (kv if cache is not None else None)
 
     if self.remat_policy != "none":
@@ -197,14 +197,16 @@ class Decoder(nnx.Module):
 
   def __call__(self, *, input_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
                positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
-               return_hidden: bool = False) -> tuple[jax.Array, KVCache | None]:
+               return_hidden: bool = False, segment_ids: jax.Array | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder on L new slots.
 
     input_ids [B, L] int32 or inputs_embeds [B, L, D]; positions [B, L] int32 (RoPE); mask [B, L] bool.
     Without a cache the L slots attend among themselves. With a cache they are written at slots
     cache.index..cache.index+L-1 (the caller keeps index + L within the cache's S slots) and attend over
     every valid cache slot up to their own; the returned cache has index + L. Returns (logits [B, L, V] fp32, or with return_hidden the final-normed hidden
-    [B, L, D] in the compute dtype; cache or None).
+    [B, L, D] in the compute dtype; cache or None). segment_ids [B, L] (no cache): packed rows, a token
+    attends only to earlier tokens of its own segment.
     """
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("Decoder: pass exactly one of input_ids and inputs_embeds")
@@ -225,7 +227,9 @@ class Decoder(nnx.Module):
       if length > cache.k.shape[2]:
         raise ValueError(f"Decoder: {length} new slots exceed the cache's {cache.k.shape[2]}")
       k_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-    x, new_kv = self._run_layers(x, cos, sin, k_valid, cache)
+    if segment_ids is not None and cache is not None:
+      raise ValueError("Decoder: segment_ids (packed rows) are for training, not with a KV cache")
+    x, new_kv = self._run_layers(x, cos, sin, k_valid, cache, segment_ids)
     if cache is not None:
       start = (0, 0, cache.index, 0, 0)
       k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), start)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qv_jax.batch import MODALITY_VIDEO
+from qv_jax.batch import MODALITY_VIDEO, SLOT_KEYS, is_packed
 from qv_jax.model import assembly
 from qv_jax.model.compressor import Compressor, CompressorOutput
 from qv_jax.model.decoder import Decoder
@@ -44,7 +44,13 @@ class Quicksviewer(nnx.Module):
 
   def prepare_inputs(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True
                      ) -> tuple[assembly.Assembled, CompressorOutput]:
-    """Vision, cubing, resampling and assembly: the decoder's merged inputs [B, max_seq_len, D]."""
+    """Vision, cubing, resampling and assembly: the decoder's merged inputs [B, max_seq_len, D], or for a
+    packed batch [R, N, D] (every sample slot gets its own vision / cubing / resampler pass)."""
+    packed = is_packed(batch)
+    rows = batch["input_ids"].shape[0]
+    seq_len = batch["segment_ids"].shape[1] if packed else self.max_seq_len
+    if packed:
+      batch = dict(batch, **{k: batch[k].reshape((-1,) + batch[k].shape[2:]) for k in SLOT_KEYS})
     features = self.frame_features(batch["frames"])
     is_video = batch["modality"] == MODALITY_VIDEO
     # Image samples pass through the cubing path too (static shapes); their outputs are never read.
@@ -54,13 +60,17 @@ class Quicksviewer(nnx.Module):
     image_tokens = self.compressor.encode_images(features) if encode_images else None
     text_embeds = self.decoder.embed(jnp.maximum(batch["input_ids"], 0))
     _, kmax, q, _ = cubes.cube_tokens.shape
+    per_row = (lambda x: x.reshape((rows, -1) + x.shape[1:])) if packed else (lambda x: x)
     plan = assembly.plan_sequence(
-        batch["input_ids"], batch["token_frame"], batch["token_valid"], batch["modality"], cubes.boundary,
-        cubes.cube_ids, thumb_len=cubes.thumbnail.shape[1], cube_len=q, num_cube_slots=kmax,
-        image_len=q if image_tokens is None else image_tokens.shape[2],
-        num_image_slots=features.shape[1], max_seq_len=self.max_seq_len)
-    merged = assembly.assemble(plan, text_embeds, cubes.thumbnail, cubes.cube_tokens, image_tokens,
-                               batch["labels"])
+        batch["input_ids"], batch["token_frame"], batch["token_valid"], per_row(batch["modality"]),
+        per_row(cubes.boundary), per_row(cubes.cube_ids), thumb_len=cubes.thumbnail.shape[1], cube_len=q,
+        num_cube_slots=kmax, image_len=q if image_tokens is None else image_tokens.shape[2],
+        num_image_slots=features.shape[1], max_seq_len=seq_len,
+        token_slot=batch.get("token_slot"), sample_offset=batch.get("sample_offset"))
+    # A row's bank holds its slots' visual tokens one slot after another.
+    flat = lambda x: None if x is None else x.reshape((rows, -1) + x.shape[2:])
+    merged = assembly.assemble(plan, text_embeds, flat(cubes.thumbnail), flat(cubes.cube_tokens),
+                               flat(image_tokens), batch["labels"])
     return merged, cubes
 
   def __call__(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True
@@ -69,5 +79,6 @@ class Quicksviewer(nnx.Module):
     merged, cubes = self.prepare_inputs(batch, key=key, noise_weight=noise_weight,
                                         encode_images=encode_images)
     hidden, _ = self.decoder(inputs_embeds=merged.embeds, positions=merged.positions, mask=merged.mask,
-                             return_hidden=True)
+                             return_hidden=True,
+                             segment_ids=merged.segment_ids if is_packed(batch) else None)
     return ModelOutput(hidden=hidden, inputs=merged, cubes=cubes)

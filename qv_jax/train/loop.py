@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from qv_jax.batch import BATCH_KEYS, MODALITY_IMAGE, MODALITY_VIDEO
+from qv_jax.batch import BATCH_KEYS, MODALITY_IMAGE, MODALITY_VIDEO, batch_keys
 from qv_jax.config import require, validate
 from qv_jax.config.train import validate_train_against
 from qv_jax.sharding import axis_rules, data_sharding, make_mesh
@@ -133,7 +133,7 @@ def to_global(batch: dict, mesh) -> dict:
   """This process's rows -> global arrays sharded over (data, fsdp)."""
   out = {}
   n_proc = jax.process_count()
-  for k in BATCH_KEYS:
+  for k in batch_keys(batch):
     x = np.asarray(batch[k])
     sharding = data_sharding(mesh, x.ndim)
     global_shape = (x.shape[0] * n_proc,) + x.shape[1:]
@@ -239,7 +239,8 @@ def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = N
         if step_done % t.log_every == 0 or step_done == end:
           dt = timer.mean_recent(t.log_every)
           scalars = {k: float(host[k]) for k in ("loss", "ce", "aux", "eta", "learning_rate", "grad_norm",
-                                                 "supervised_tokens", "merged_tokens", "truncated_tokens")}
+                                                 "supervised_tokens", "merged_tokens", "truncated_tokens",
+                                                 "padding_fraction")}
           if dt:
             scalars.update(step_time_s=dt, tokens_per_s=float(host["merged_tokens"]) / dt)
             if flops:

@@ -15,40 +15,47 @@ def shifted_targets(labels: jax.Array) -> jax.Array:
   return jnp.concatenate([labels[:, 1:], pad], axis=1)
 
 
-def chunked_cross_entropy(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int):
+def chunked_cross_entropy(hidden: jax.Array, labels: jax.Array, logits_fn, chunk: int,
+                          segment_ids: jax.Array | None = None, num_segments: int = 1):
   """Sum of token cross-entropies per sample, and the supervised token count per sample.
 
   hidden [B, S, D] (final-normed); labels [B, S] (unshifted, IGNORE_INDEX where unsupervised);
   logits_fn: [B, c, D] -> [B, c, V] fp32. The sequence is cut into chunks of `chunk` positions (padded to a
-  multiple); each chunk's logits are recomputed in the backward pass (remat). Returns (ce_sum [B], count [B]).
+  multiple); each chunk's logits are recomputed in the backward pass (remat). Returns (ce_sum [B], count [B]),
+  or with segment_ids [B, S] (packed rows) per segment: ([B, num_segments], [B, num_segments]).
   """
   b, s, d = hidden.shape
   targets = shifted_targets(labels)
+  segments = jnp.zeros((b, s), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
   chunk = max(1, min(int(chunk), s))
   n = -(-s // chunk)
   pad = n * chunk - s
   if pad:
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    segments = jnp.pad(segments, ((0, 0), (0, pad)), constant_values=-1)
   hidden = hidden.reshape(b, n, chunk, d).swapaxes(0, 1)
   targets = targets.reshape(b, n, chunk).swapaxes(0, 1)
+  segments = segments.reshape(b, n, chunk).swapaxes(0, 1)
 
   @jax.checkpoint
-  def one(h, t):
+  def one(h, t, seg):
     logits = logits_fn(h).astype(jnp.float32)
     valid = t != IGNORE_INDEX
     safe = jnp.where(valid, t, 0)
     picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - picked
-    return jnp.where(valid, nll, 0.0).sum(-1), valid.sum(-1).astype(jnp.float32)
+    onehot = (seg[..., None] == jnp.arange(num_segments)[None, None, :]) & valid[..., None]
+    ce = jnp.einsum("bc,bcp->bp", jnp.where(valid, nll, 0.0), onehot.astype(nll.dtype))
+    return ce, onehot.sum(1).astype(jnp.float32)
 
   def body(carry, xs):
     ce, cnt = one(*xs)
     return (carry[0] + ce, carry[1] + cnt), None
 
-  zeros = jnp.zeros((b,), jnp.float32)
-  (ce_sum, count), _ = jax.lax.scan(body, (zeros, zeros), (hidden, targets))
-  return ce_sum, count
+  zeros = jnp.zeros((b, num_segments), jnp.float32)
+  (ce_sum, count), _ = jax.lax.scan(body, (zeros, zeros), (hidden, targets, segments))
+  return (ce_sum[:, 0], count[:, 0]) if segment_ids is None else (ce_sum, count)
 
 
 def supervised_count(labels: jax.Array) -> jax.Array:

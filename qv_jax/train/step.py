@@ -2,7 +2,8 @@
 parameters with gradient accumulation, one optimizer update. A pure function of (state, batch).
 
 Loss = Σ CE over the whole step's supervised tokens / their count (a global token mean across the batch,
-the devices and the accumulation micro-batches) + aux_weight · the mean over the step's video samples of
+the devices and the accumulation micro-batches; in packed rows (qv_jax/batch.py) the same mean over every
+packed sample's tokens, CE also reported per sample) + aux_weight · the mean over the step's video samples of
 each sample's mean‖z‖₂ (what the reference's per-device mean gives with one sample per device).
 The count is taken from the pre-merge labels (equal to the merged one unless a sequence was truncated at
 data.max_seq_len; truncations are reported as a metric). Micro-batch i takes samples i, i+A, i+2A, ...
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from qv_jax.batch import MODALITY_VIDEO
+from qv_jax.batch import MODALITY_VIDEO, is_packed
 from qv_jax.sharding import constrain
 from qv_jax.train.loss import chunked_cross_entropy, cubing_aux_per_sample, supervised_count
 from qv_jax.train.schedules import learning_rate_schedule, noise_weight
@@ -56,21 +57,25 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation):
   encode_images = bool(t.encode_images)
   lr_schedule = learning_rate_schedule(t)
   max_frames = max(int(f) for f in config.data.frame_buckets)
+  max_seq_len = int(config.data.max_seq_len)
 
   def micro_loss(params, frozen, micro, key, eta, denom, videos):
     model = nnx.merge(graphdef, params, frozen)
     out = model(micro, key=key, noise_weight=eta, encode_images=encode_images)
-    ce_sum, count = chunked_cross_entropy(out.hidden, out.inputs.labels, model.decoder.logits_from_hidden,
-                                          int(t.ce_chunk))
-    is_video = micro["modality"] == MODALITY_VIDEO
+    packed = is_packed(micro)
+    ce_sum, count = chunked_cross_entropy(
+        out.hidden, out.inputs.labels, model.decoder.logits_from_hidden, int(t.ce_chunk),
+        segment_ids=out.inputs.segment_ids if packed else None,
+        num_segments=micro["modality"].shape[1] if packed else 1)
+    modality, num_frames = micro["modality"].reshape(-1), micro["num_frames"].reshape(-1)
+    is_video = modality == MODALITY_VIDEO
     aux = cubing_aux_per_sample(out.cubes.logits, out.cubes.logit_mask, is_video)
     loss = ce_sum.sum() / denom + aux_weight * aux.sum() / videos
     cubes = out.cubes
     stats = dict(
-        ce_sum=ce_sum, count=count, aux=aux,
+        ce_sum=ce_sum, count=count, aux=aux.reshape(micro["modality"].shape),
         merged_tokens=out.inputs.mask.sum(-1), truncated=out.inputs.truncated,
-        cube_hist=cube_length_histogram(cubes.cube_ids, cubes.cube_mask, micro["num_frames"], is_video,
-                                        max_frames))
+        cube_hist=cube_length_histogram(cubes.cube_ids, cubes.cube_mask, num_frames, is_video, max_frames))
     return loss, stats
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -79,7 +84,7 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation):
     key = jax.random.fold_in(state.rng, state.step)
     eta = noise_weight(state.step, t)
     denom = jnp.maximum(supervised_count(batch["labels"]).sum(), 1.0)
-    videos = jnp.maximum((batch["modality"] == MODALITY_VIDEO).sum(), 1).astype(jnp.float32)
+    videos = jnp.maximum((batch["modality"] == MODALITY_VIDEO).sum(), 1).astype(jnp.float32)   # [B] or [R, P]
     keys = ("ce_sum", "count", "merged_tokens", "truncated", "aux")
     if accum == 1:
       (loss, stats), grads = grad_fn(state.params, state.frozen, batch, key, eta, denom, videos)
@@ -101,12 +106,16 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    merged_tokens = per_sample["merged_tokens"].sum()
+    decoder_slots = batch["segment_ids"].size if is_packed(batch) else batch["input_ids"].shape[0] * max_seq_len
     metrics = dict(
         loss=loss, ce=per_sample["ce_sum"].sum() / denom, aux=per_sample["aux"].sum() / videos, eta=eta,
         learning_rate=lr_schedule(state.step), grad_norm=grad_norm,
-        supervised_tokens=per_sample["count"].sum(), merged_tokens=per_sample["merged_tokens"].sum(),
+        supervised_tokens=per_sample["count"].sum(), merged_tokens=merged_tokens,
+        padding_fraction=1.0 - merged_tokens / decoder_slots,
         truncated_tokens=per_sample["truncated"].sum(), cube_length_hist=cube_hist,
-        sample_ce=per_sample["ce_sum"] / jnp.maximum(per_sample["count"], 1.0), sample_id=batch["sample_id"])
+        sample_ce=(per_sample["ce_sum"] / jnp.maximum(per_sample["count"], 1.0)).reshape(-1),
+        sample_id=batch["sample_id"].reshape(-1))
     return new_state, metrics
 
   return step

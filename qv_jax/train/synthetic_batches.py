@@ -80,6 +80,17 @@ class SyntheticBatches:
       out["sample_id"][row] = sid
     return out
 
+  def processed(self, sid: int) -> dict:
+    """Sample `sid` as the loader's workers give it (data_pipeline/collate.py): with timestamps, sample_id,
+    epoch."""
+    x = {k: (np.asarray(v, np.int32) if k in ("input_ids", "labels", "token_frame") else v)
+         for k, v in self.sample(sid).items()}
+    n = len(x["frames"])
+    if self.normalize:
+      x["frames"] = (x["frames"].astype(np.float32) / 255.0 - 0.5) / 0.5
+    x.update(timestamps=np.arange(n, dtype=np.float32) + 0.5, sample_id=sid, epoch=0)
+    return x
+
   def sample(self, sid: int) -> dict:
     rng = np.random.default_rng([self.seed, sid])
     if rng.random() < self.image_fraction:
