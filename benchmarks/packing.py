@@ -33,7 +33,8 @@ from qv_jax.batch import IGNORE_INDEX  # noqa: E402
 from qv_jax.sharding import axis_rules, make_mesh  # noqa: E402
 from qv_jax.train.loop import to_global  # noqa: E402
 from qv_jax.train.state import create_train_state  # noqa: E402
-from qv_jax.train.step import jit_train_step, make_train_step  # noqa: E402
+from qv_jax.train.compile import compile_train_step  # noqa: E402
+from qv_jax.train.step import make_train_step  # noqa: E402
 from qv_jax.train.synthetic_batches import SyntheticBatches  # noqa: E402
 
 
@@ -71,8 +72,7 @@ def run(config, batches: list[dict], label: str) -> dict:
         batch = to_global(local, mesh)
         key = tuple((k, v.shape) for k, v in batch.items())
         if key not in compiled:
-          compiled[key] = jit_train_step(step, spec, {k: v.sharding for k, v in batch.items()}).lower(
-              state, batch).compile()
+          compiled[key] = compile_train_step(step, spec, state, batch)
           state, _ = jax.block_until_ready(compiled[key](state, batch))     # warm-up, not timed
         start = time.perf_counter()
         state, metrics = compiled[key](state, batch)
