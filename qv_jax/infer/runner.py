@@ -153,3 +153,25 @@ def generate(model, prepared: Prepared, *, max_new_tokens: int, temperature: flo
     out = np.asarray(st.out)
     timings["decode_s"] = time.perf_counter() - t0
   return out, timings
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _cubing(graphdef, state, frames, num_frames):
+  model = nnx.merge(graphdef, state)
+  features = model.frame_features(frames)
+  cubes = model.compressor.compress(features, num_frames, None, 0.0, None)
+  probs = gumbel.boundary_probs(cubes.logits, None, 0.0, model.compressor.settings.gumbel_tau)
+  return cubes.boundary, probs
+
+
+def cube_boundaries(model, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The cubing network's partition of one video at η = 0 (no decoder): (boundary [F], probs [F-1]) for
+  frames uint8 [N, S, S, 3], padded to its frame bucket."""
+  n = len(frames)
+  f = frame_bucket(n, tuple(model.config.data.frame_buckets))
+  padded = np.zeros((1, f) + frames.shape[1:], np.uint8)
+  padded[0, :n] = frames
+  with model.context():
+    boundary, probs = _cubing(model.graphdef, model.state, _put(model, padded),
+                              _put(model, np.asarray([n], np.int32)))
+  return np.asarray(boundary)[0], np.asarray(probs)[0]
