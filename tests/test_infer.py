@@ -196,3 +196,18 @@ def test_cli_ask_and_timeline(setup, tmp_path, capsys):
   assert image.shape[0] > 300 and image.shape[1] > 600 and image.std() > 20
   assert cli_timeline.main([v1, "--checkpoint", str(tmp_path / "none"), "--out", str(out_dir)]) == 2
   assert "no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sharded_params_give_the_same_answer(setup):
+  from qv_jax.sharding import make_mesh
+  model, v1 = setup["model"], setup["v1"]
+  mesh = make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
+  sharded = load(setup["workdir"], mesh=mesh)
+  kernel = sharded.layer_params[0]["mlp"]["gate_proj"]["kernel"]
+  kernel = kernel.get_value() if hasattr(kernel, "get_value") else kernel
+  assert len(kernel.sharding.device_set) == 4 and not kernel.sharding.is_fully_replicated
+  want = answer(model, v1, QUESTION, max_new_tokens=6)
+  got = answer(sharded, v1, QUESTION, max_new_tokens=6)
+  assert got.token_ids == want.token_ids
+  assert [(c.start_frame, c.end_frame) for c in got.cubes] == [(c.start_frame, c.end_frame) for c in want.cubes]

@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from qv_jax.config import validate
 from qv_jax.config.errors import ConfigError
 from qv_jax.config.mesh import LOGICAL_AXIS_RULES
+from qv_jax.model.decoder import unstack_layer_state
 from qv_jax.model.quicksviewer import Quicksviewer
 from qv_jax.sharding import axis_rules, make_mesh, state_shardings
 from qv_jax.train import checkpoint as ckpt
@@ -126,15 +127,6 @@ def _tokenizer_path(path: str, config, tokenizer) -> str:
                             "tokenizer=PATH (a local tokenizer.json)")
 
 
-def _unstack_decoder_layers(state, num_layers: int) -> list:
-  """Moves the stacked decoder layer params out of `state` (left as empty placeholders) into one param
-  state per layer (see `qv_jax.model.decoder.split_layers`)."""
-  layers = state["decoder"]["layers"]
-  per_layer = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)]
-  state["decoder"]["layers"] = jax.tree.map(lambda a: jax.numpy.zeros((0,), a.dtype), layers)
-  return per_layer
-
-
 def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None = None,
          tokenizer: str | os.PathLike | None = None, unstack_layers: bool | None = None) -> Model:
   """Loads a `qv-convert` output directory or a training work directory (its latest step).
@@ -176,15 +168,17 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None
         params = ckpt.load_params(path, target, config.model.size)
     except (ckpt.CheckpointError, FileNotFoundError) as e:
       raise CheckpointLoadError(str(e).replace("train.init_from: ", "checkpoint ")) from None
-    except ValueError as e:   # MappingError and orbax's shape complaints
-      raise CheckpointLoadError(f"checkpoint {path}: {str(e).splitlines()[0]}"
-                                + (" ..." if "\n" in str(e) else "")) from None
+    except ValueError as e:   # MappingError (one line per differing param) and orbax's shape complaints
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      shown = "; ".join(lines[:13]) + (f"; ... {len(lines) - 13} more" if len(lines) > 13 else "")
+      raise CheckpointLoadError(f"checkpoint {path}: {shown}") from None
   nnx.replace_by_pure_dict(abstract, params)
   if unstack_layers is None:
     unstack_layers = jax.default_backend() == "cpu"
   layer_params = None
   if unstack_layers:
-    layer_params = _unstack_decoder_layers(abstract, int(config.model.decoder.num_layers))
+    abstract["decoder"]["layers"], layer_params = unstack_layer_state(abstract["decoder"]["layers"],
+                                                                      int(config.model.decoder.num_layers))
   return Model(layer_params=layer_params, config=config, graphdef=graphdef, state=abstract, mesh=mesh, rules=rules, tokenizer=tok,
                template=template, eos_id=eos_token_id(tok), pad_id=pad_token_id(tok), bos_id=bos_token_id(tok),
                path=path, kind=kind, step=step)

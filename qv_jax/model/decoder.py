@@ -259,7 +259,11 @@ def split_layers(decoder: Decoder) -> tuple[Decoder, list]:
   shape); pass the list as `layer_params` to every call. The stacked copy is dropped, so memory does not
   double once the caller lets go of the original decoder."""
   graphdef, state = nnx.split(decoder)
-  layers = state["layers"]
-  per_layer = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(decoder.num_layers)]
-  state["layers"] = jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), layers)
+  state["layers"], per_layer = unstack_layer_state(state["layers"], decoder.num_layers)
   return nnx.merge(graphdef, state), per_layer
+
+
+def unstack_layer_state(layers, num_layers: int) -> tuple[Any, list]:
+  """A stacked layer state -> (empty placeholders of the same structure, one state per layer)."""
+  per_layer = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)]
+  return jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), layers), per_layer
