@@ -42,16 +42,22 @@ class Quicksviewer(nnx.Module):
     -> [B, F, P, Dv]."""
     return constrain(self.vision_tower.encode_frames(frames), ("batch", "frames", "tokens", "vision_embed"))
 
-  def prepare_inputs(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True
+  def prepare_inputs(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True,
+                     features: jax.Array | None = None, max_seq_len: int | None = None
                      ) -> tuple[assembly.Assembled, CompressorOutput]:
     """Vision, cubing, resampling and assembly: the decoder's merged inputs [B, max_seq_len, D], or for a
-    packed batch [R, N, D] (every sample slot gets its own vision / cubing / resampler pass)."""
+    packed batch [R, N, D] (every sample slot gets its own vision / cubing / resampler pass).
+    `features` [B, F, P, Dv]: the tower's output when already computed; `max_seq_len` overrides the
+    config's static merged length (inference sizes it per bucket; unpacked batches only)."""
     packed = is_packed(batch)
     rows = batch["input_ids"].shape[0]
-    seq_len = batch["segment_ids"].shape[1] if packed else self.max_seq_len
     if packed:
+      seq_len = batch["segment_ids"].shape[1]
       batch = dict(batch, **{k: batch[k].reshape((-1,) + batch[k].shape[2:]) for k in SLOT_KEYS})
-    features = self.frame_features(batch["frames"])
+    else:
+      seq_len = self.max_seq_len if max_seq_len is None else int(max_seq_len)
+    if features is None:
+      features = self.frame_features(batch["frames"])
     is_video = batch["modality"] == MODALITY_VIDEO
     # Image samples pass through the cubing path too (static shapes); their outputs are never read.
     cube_frames = jnp.where(is_video, batch["num_frames"], jnp.maximum(batch["num_frames"], 2))
