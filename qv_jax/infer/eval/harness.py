@@ -1,0 +1,170 @@
+"""The evaluation loop: shard items over processes, answer in batches, append predictions as they come,
+resume what a killed run left, merge on process 0, score.
+
+The model is behind `AnswerFn` (a batch of items -> one `Outcome` per item), so the loop is tested without
+one; `model_answer_fn` wires the real `qv_jax.infer.answer_batch`.
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+
+from qv_jax.infer.eval import extract, metrics, store
+from qv_jax.infer.eval.frames import MissingVideo, UnreadableVideo, to_api_video
+from qv_jax.infer.eval.items import Item, ReadResult
+from qv_jax.infer.eval.readers import mlvu, mvbench
+
+MISSING, UNREADABLE, FAILED = "missing_video", "unreadable_video", "failed"
+
+
+@dataclasses.dataclass
+class Outcome:
+  """One item's answer: the generated text, or `error` (one line) with `kind` MISSING/UNREADABLE/FAILED."""
+  text: str = ""
+  error: str | None = None
+  kind: str | None = None
+  num_frames: int | None = None
+
+
+AnswerFn = Callable[[Sequence[Item]], list[Outcome]]
+Gather = Callable[[list[dict]], list[dict] | None]
+
+
+def model_answer_fn(model, *, num_frames: int = 420, fps: float = 1.0, max_new_tokens: int = 64,
+                    **sampling) -> AnswerFn:
+  """Answers through `qv_jax.infer.answer_batch` (greedy unless `sampling` says otherwise). A missing or
+  unreadable video becomes that item's error; the rest of the batch is answered."""
+  from qv_jax.infer import answer_batch
+
+  def fn(items):
+    outcomes, pending = [None] * len(items), []
+    for i, item in enumerate(items):
+      try:
+        pending.append((i, to_api_video(item.video, num_frames, fps)))
+      except MissingVideo as e:
+        outcomes[i] = Outcome(error=f"{item.key}: {e}", kind=MISSING)
+      except UnreadableVideo as e:
+        outcomes[i] = Outcome(error=f"{item.key}: {e}", kind=UNREADABLE)
+    if pending:
+      answers = answer_batch(model, [(video, items[i].question) for i, video in pending],
+                             max_new_tokens=max_new_tokens, num_frames=num_frames, fps=fps, errors="return",
+                             **sampling)
+      for (i, _), a in zip(pending, answers):
+        if a.error:
+          outcomes[i] = Outcome(error=f"{items[i].key}: {a.error}", kind=_error_kind(items[i], a.error))
+        else:
+          outcomes[i] = Outcome(text=a.text, num_frames=a.num_frames)
+    return outcomes
+
+  return fn
+
+
+def _error_kind(item: Item, message: str) -> str:
+  """The API's one-line errors name the video; a message about this item's video means it is unreadable."""
+  return UNREADABLE if item.video.path in message or "video" in message.lower() else FAILED
+
+
+def _record(item: Item, outcome: Outcome) -> dict:
+  return {"key": item.key, "task": item.task, "variant": item.variant, "answer": item.answer,
+          "output": outcome.text if outcome.error is None else "", "error": outcome.error,
+          "error_kind": outcome.kind, "num_frames": outcome.num_frames, "meta": item.meta}
+
+
+def _scored(item: Item, record: dict) -> dict:
+  """The record with both extracted letters (recomputed from the output, so a rule change needs no rerun)."""
+  out = dict(record)
+  out["pred_standard"] = extract.extract_standard(record["output"], item.options)
+  out["pred_reference"] = extract.extract_reference(record["output"])
+  return out
+
+
+def shard(items: Sequence[Item], process_index: int, process_count: int) -> list[Item]:
+  """Every process_count-th item: neighbours (which share lengths) spread evenly over processes."""
+  return list(items[process_index::process_count])
+
+
+def answer_items(items: Sequence[Item], answer_fn: AnswerFn, out_dir: str, *, batch_size: int = 8,
+                 process_index: int = 0, process_count: int = 1, progress: bool = True,
+                 desc: str = "eval") -> list[dict]:
+  """Answers this process's shard of `items` not yet in out_dir's predictions, appending each batch to its
+  file (fsync'd) before the next; returns this process's records (old and new)."""
+  from tqdm import tqdm
+  os.makedirs(out_dir, exist_ok=True)
+  done = store.read_all(out_dir)
+  mine = shard(items, process_index, process_count)
+  todo = [it for it in mine if it.key not in done]
+  appender = store.Appender(os.path.join(out_dir, store.part_name(process_index, process_count)))
+  label = desc if process_count == 1 else f"{desc} [{process_index}/{process_count}]"
+  bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=label, unit="q", disable=not progress,
+             dynamic_ncols=True)
+  try:
+    for start in range(0, len(todo), batch_size):
+      batch = todo[start:start + batch_size]
+      outcomes = answer_fn(batch)
+      if len(outcomes) != len(batch):
+        raise RuntimeError(f"answer function returned {len(outcomes)} outcomes for {len(batch)} items")
+      records = [_record(it, o) for it, o in zip(batch, outcomes)]
+      appender.write(records)
+      done.update((r["key"], r) for r in records)
+      bar.update(len(batch))
+  finally:
+    bar.close()
+    appender.close()
+  return [done[it.key] for it in mine]
+
+
+def _counts(records) -> dict:
+  kinds = {MISSING: 0, UNREADABLE: 0, FAILED: 0}
+  examples = []
+  for r in records:
+    if r.get("error"):
+      kinds[r.get("error_kind") or FAILED] = kinds.get(r.get("error_kind") or FAILED, 0) + 1
+      if len(examples) < 20:
+        examples.append(r["error"])
+  return {**kinds, "error_examples": examples}
+
+
+def score(benchmark: str, read: ReadResult, records: Sequence[dict]) -> tuple[list[dict], dict]:
+  """(records in reader order with extracted letters, metrics.json content) from all records."""
+  by_key = {r["key"]: r for r in records}
+  missing = [it.key for it in read.items if it.key not in by_key]
+  if missing:
+    raise RuntimeError(f"{len(missing)} item(s) have no prediction, e.g. {missing[0]}")
+  scored = [_scored(it, by_key[it.key]) for it in read.items]
+  if benchmark == "videomme":
+    values = metrics.videomme(scored)
+  elif benchmark == "mvbench":
+    values = metrics.mvbench(scored, list(mvbench.TASKS))
+  elif benchmark == "mlvu":
+    values = metrics.mlvu(scored, list(mlvu.TASKS))
+  else:
+    raise ValueError(f"unknown benchmark {benchmark!r}")
+  standard = [r for r in scored if r["variant"] == "standard"]
+  summary = {
+    "benchmark": benchmark, "items": len(standard), "answered": sum(not r["error"] for r in standard),
+    "reference_input_runs": len(scored) - len(standard), **_counts(scored),
+    "skipped_samples": len(read.skipped), "skipped_examples": list(read.skipped.values())[:20],
+  }
+  return scored, {**summary, **values}
+
+
+def evaluate(benchmark: str, read: ReadResult, answer_fn: AnswerFn, out_dir: str, *, batch_size: int = 8,
+             process_index: int = 0, process_count: int = 1, gather: Gather | None = None,
+             progress: bool = True, extra: dict | None = None) -> dict | None:
+  """Answers, merges (process 0, after `gather` collects every process's records), writes predictions.jsonl
+  and metrics.json; returns the metrics on process 0, None elsewhere."""
+  if len({it.key for it in read.items}) != len(read.items):
+    raise ValueError("benchmark items must have unique keys")
+  mine = answer_items(read.items, answer_fn, out_dir, batch_size=batch_size, process_index=process_index,
+                      process_count=process_count, progress=progress, desc=benchmark)
+  everything = gather(mine) if gather else mine
+  if process_index != 0:
+    return None
+  records, values = score(benchmark, read, everything)
+  store.write_merged(out_dir, records)
+  values = {**values, **(extra or {})}
+  with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as f:
+    json.dump(values, f, indent=2)
+  os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))
+  return values
