@@ -65,8 +65,7 @@ def read_benchmark(args) -> ReadResult:
   else:
     read = mlvu.read(args.data)
   if args.limit is not None:
-    keep = {it.key for it in read.items if it.variant == "standard"}
-    keep = set(sorted(keep, key=[it.key for it in read.items].index)[:args.limit])
+    keep = set([it.key for it in read.items if it.variant == "standard"][:args.limit])
     read.items = [it for it in read.items if it.key.removesuffix("#reference") in keep]
   if not read.items:
     raise BenchmarkError(f"{args.data}: no usable questions ({len(read.skipped)} skipped)")
