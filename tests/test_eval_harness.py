@@ -131,3 +131,19 @@ def test_cli_benchmark_dir_without_index_one_line(tmp_path, capsys, bench, expec
                    str(tmp_path / "o")], answer_fn=FakeModel())
   err = capsys.readouterr().err
   assert code == 2 and expected in err and err.count("\n") == 1
+
+
+def test_retry_errors_answers_a_video_added_since(roots, tmp_path):
+  import shutil
+  root = shutil.copytree(roots["mlvu"], tmp_path / "mlvu")
+  read = mlvu.read(str(root))
+  out = str(tmp_path / "out")
+  first = harness.evaluate("mlvu", read, FakeModel(), out, progress=False)
+  assert first["missing_video"] == 1
+  shutil.copy(root / "video" / "4_count" / "count_1.mp4", root / "video" / "4_count" / "gone.mp4")
+  again = FakeModel()
+  assert harness.evaluate("mlvu", read, again, out, progress=False)["missing_video"] == 1 and again.calls == 0
+  retry = FakeModel()
+  values = harness.evaluate("mlvu", read, retry, out, progress=False, retry_errors=True)
+  assert list(retry.answered) == ["4_count/1"] and values["missing_video"] == 0
+  assert [r["key"] for r in lines(os.path.join(out, "predictions.jsonl"))] == [it.key for it in read.items]

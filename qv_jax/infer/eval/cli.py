@@ -37,6 +37,8 @@ def parse_args(argv):
   p.add_argument("--no-reference-inputs", dest="reference_inputs", action="store_false",
                  help="MVBench: do not also answer bounded questions with start/end ignored (the reference's "
                       "inputs); its numbers then reuse the standard answers")
+  p.add_argument("--retry-errors", action="store_true",
+                 help="on resume, answer again the questions that failed (e.g. a video added since)")
   p.add_argument("--limit", type=int, default=None, help="only the first N questions (smoke runs)")
   p.add_argument("--mesh", default="auto",
                  help="data,fsdp,tensor sizes over this process's devices, e.g. 1,-1,1 (auto: the loader's "
@@ -108,6 +110,7 @@ def main(argv=None, answer_fn=None) -> int:
     values = evaluate(args.benchmark, read, fn, args.out, batch_size=args.batch_size,
                       process_index=jax.process_index(), process_count=jax.process_count(),
                       gather=distributed.gather_records, progress=args.progress,
+                      retry_errors=args.retry_errors,
                       extra={"checkpoint": args.checkpoint, "num_frames": args.num_frames, "fps": args.fps,
                              "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                              "reference_inputs": args.reference_inputs, "limit": args.limit})

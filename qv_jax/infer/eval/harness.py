@@ -8,6 +8,7 @@ one; `model_answer_fn` wires the real `qv_jax.infer.answer_batch`.
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 from qv_jax.infer.eval import extract, metrics, store
@@ -86,14 +87,15 @@ def shard(items: Sequence[Item], process_index: int, process_count: int) -> list
 
 def answer_items(items: Sequence[Item], answer_fn: AnswerFn, out_dir: str, *, batch_size: int = 8,
                  process_index: int = 0, process_count: int = 1, progress: bool = True,
-                 desc: str = "eval") -> list[dict]:
-  """Answers this process's shard of `items` not yet in out_dir's predictions, appending each batch to its
-  file (fsync'd) before the next; returns this process's records (old and new)."""
+                 desc: str = "eval", retry_errors: bool = False) -> list[dict]:
+  """Answers this process's shard of `items` not yet in out_dir's predictions (`retry_errors`: nor those
+  that failed), appending each batch to its file (fsync'd) before the next; each failure is printed as one
+  line. Returns this process's records (old and new)."""
   from tqdm import tqdm
   os.makedirs(out_dir, exist_ok=True)
   done = store.read_all(out_dir)
   mine = shard(items, process_index, process_count)
-  todo = [it for it in mine if it.key not in done]
+  todo = [it for it in mine if it.key not in done or (retry_errors and done[it.key].get("error"))]
   appender = store.Appender(os.path.join(out_dir, store.part_name(process_index, process_count)))
   label = desc if process_count == 1 else f"{desc} [{process_index}/{process_count}]"
   bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=label, unit="q", disable=not progress,
@@ -106,6 +108,9 @@ def answer_items(items: Sequence[Item], answer_fn: AnswerFn, out_dir: str, *, ba
         raise RuntimeError(f"answer function returned {len(outcomes)} outcomes for {len(batch)} items")
       records = [_record(it, o) for it, o in zip(batch, outcomes)]
       appender.write(records)
+      for r in records:
+        if r["error"]:
+          bar.write(f"{desc}: skipped ({r['error_kind']}): {r['error']}", file=sys.stderr)
       done.update((r["key"], r) for r in records)
       bar.update(len(batch))
   finally:
@@ -151,13 +156,14 @@ def score(benchmark: str, read: ReadResult, records: Sequence[dict]) -> tuple[li
 
 def evaluate(benchmark: str, read: ReadResult, answer_fn: AnswerFn, out_dir: str, *, batch_size: int = 8,
              process_index: int = 0, process_count: int = 1, gather: Gather | None = None,
-             progress: bool = True, extra: dict | None = None) -> dict | None:
+             progress: bool = True, retry_errors: bool = False, extra: dict | None = None) -> dict | None:
   """Answers, merges (process 0, after `gather` collects every process's records), writes predictions.jsonl
   and metrics.json; returns the metrics on process 0, None elsewhere."""
   if len({it.key for it in read.items}) != len(read.items):
     raise ValueError("benchmark items must have unique keys")
   mine = answer_items(read.items, answer_fn, out_dir, batch_size=batch_size, process_index=process_index,
-                      process_count=process_count, progress=progress, desc=benchmark)
+                      process_count=process_count, progress=progress, desc=benchmark,
+                      retry_errors=retry_errors)
   everything = gather(mine) if gather else mine
   if process_index != 0:
     return None

@@ -31,13 +31,13 @@ def _valid_lines(path: str) -> tuple[list[dict], int]:
 
 
 def read_all(out_dir: str) -> dict[str, dict]:
-  """key -> record over predictions.jsonl and every part file (first one wins)."""
+  """key -> record over predictions.jsonl, then every part file; a later line for a key (a retry) wins."""
   done = {}
   paths = [os.path.join(out_dir, MERGED)] + sorted(glob.glob(os.path.join(out_dir, "predictions.part*.jsonl")))
   for path in paths:
     if os.path.isfile(path):
       for record in _valid_lines(path)[0]:
-        done.setdefault(record["key"], record)
+        done[record["key"]] = record
   return done
 
 
