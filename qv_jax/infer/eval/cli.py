@@ -41,8 +41,8 @@ def parse_args(argv):
                  help="on resume, answer again the questions that failed (e.g. a video added since)")
   p.add_argument("--limit", type=int, default=None, help="only the first N questions (smoke runs)")
   p.add_argument("--mesh", default="auto",
-                 help="data,fsdp,tensor sizes over this process's devices, e.g. 1,-1,1 (auto: the loader's "
-                      "default on one process, 1,-1,1 over local devices on several)")
+                 help="data,fsdp,tensor sizes over this process's own devices, e.g. 1,-1,1 (auto: the loader's "
+                      "default mesh over the local devices)")
   p.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
   p.add_argument("--no-progress", dest="progress", action="store_false")
   p.add_argument("--distributed", choices=["auto", "on", "off"], default="auto")
@@ -78,9 +78,7 @@ def _mesh(spec: str):
   import jax
   from qv_jax.sharding import make_mesh
   if spec == "auto":
-    if jax.process_count() == 1:
-      return None
-    spec = "1,-1,1"
+    return None
   try:
     data, fsdp, tensor = (int(x) for x in spec.split(","))
   except ValueError:

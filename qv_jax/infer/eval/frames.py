@@ -67,7 +67,7 @@ def to_api_video(video: VideoFile | FrameFolder, num_frames: int, fps: float):
   from qv_jax.infer import Clip, Frames
   if isinstance(video, FrameFolder):
     frames, stamps = folder_frames(video, num_frames, fps)
-    return Frames(frames, stamps)
+    return Frames(frames, stamps, name=video.path)
   if not os.path.isfile(video.path):
     raise MissingVideo(f"{video.path}: video not found")
   return Clip(video.path, start_sec=video.start_sec, end_sec=video.end_sec)
