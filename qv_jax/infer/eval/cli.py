@@ -41,8 +41,8 @@ def parse_args(argv):
                  help="on resume, answer again the questions that failed (e.g. a video added since)")
   p.add_argument("--limit", type=int, default=None, help="only the first N questions (smoke runs)")
   p.add_argument("--mesh", default="auto",
-                 help="data,fsdp,tensor sizes over this process's own devices, e.g. 1,-1,1 (auto: the loader's "
-                      "default mesh over the local devices)")
+                 help="data,fsdp,tensor sizes over this process's own devices, e.g. 1,-1,1 (one size may be -1: "
+                      "the rest; all fixed: the first data*fsdp*tensor devices; auto: the loader's default)")
   p.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
   p.add_argument("--no-progress", dest="progress", action="store_false")
   p.add_argument("--distributed", choices=["auto", "on", "off"], default="auto")
@@ -83,7 +83,10 @@ def _mesh(spec: str):
     data, fsdp, tensor = (int(x) for x in spec.split(","))
   except ValueError:
     raise ValueError(f"--mesh: expected three comma-separated sizes data,fsdp,tensor, got {spec!r}") from None
-  return make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor}, jax.local_devices())
+  devices = jax.local_devices()
+  if min(data, fsdp, tensor) > 0:
+    devices = devices[:data * fsdp * tensor]
+  return make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor}, devices)
 
 
 def _answer_fn(args):
