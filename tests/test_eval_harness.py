@@ -57,7 +57,7 @@ def test_run_writes_predictions_and_metrics(roots, tmp_path, bench):
     assert values["standard"]["M-Avg"] == pytest.approx(metrics.mlvu(records, list(mlvu.TASKS))["standard"]["M-Avg"])
 
 
-def test_kill_and_resume_equals_one_run(roots, tmp_path):
+def test_kill_and_resume_equals_one_run(roots, tmp_path, capsys):
   read = mvbench.read(roots["mvbench"])
   whole = tmp_path / "whole"
   harness.evaluate("mvbench", read, FakeModel(), str(whole), batch_size=2, progress=False)
@@ -70,7 +70,9 @@ def test_kill_and_resume_equals_one_run(roots, tmp_path):
   with open(run / "predictions.jsonl", "a") as f:
     f.write('{"key": "action_antonym/0", "out')      # a line torn by the kill
   second = FakeModel()
+  capsys.readouterr()
   harness.evaluate("mvbench", read, second, str(run), batch_size=2, progress=False)
+  assert "resuming: 4 of 8 questions already answered, answering 4" in capsys.readouterr().err
   assert not set(first.answered) & set(second.answered)
   assert set(first.answered) | set(second.answered) == {it.key for it in read.items}
   assert (run / "predictions.jsonl").read_bytes() == (whole / "predictions.jsonl").read_bytes()

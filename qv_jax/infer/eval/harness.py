@@ -98,6 +98,9 @@ def answer_items(items: Sequence[Item], answer_fn: AnswerFn, out_dir: str, *, ba
   todo = [it for it in mine if it.key not in done or (retry_errors and done[it.key].get("error"))]
   appender = store.Appender(os.path.join(out_dir, store.part_name(process_index, process_count)))
   label = desc if process_count == 1 else f"{desc} [{process_index}/{process_count}]"
+  if len(todo) < len(mine):
+    print(f"{label}: resuming: {len(mine) - len(todo)} of {len(mine)} questions already answered, "
+          f"answering {len(todo)}", file=sys.stderr, flush=True)
   bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=label, unit="q", disable=not progress,
              dynamic_ncols=True)
   try:
