@@ -35,8 +35,22 @@ Gather = Callable[[list[dict]], list[dict] | None]
 def model_answer_fn(model, *, num_frames: int = 420, fps: float = 1.0, max_new_tokens: int = 64,
                     **sampling) -> AnswerFn:
   """Answers through `qv_jax.infer.answer_batch` (greedy unless `sampling` says otherwise). A missing or
-  unreadable video becomes that item's error; the rest of the batch is answered."""
+  unreadable video becomes that item's error; the rest of the batch is answered. If the model raises on a
+  batch, its items are answered one by one and the one that raises gets the error (the reference catches
+  every exception per question and scores ""), so one bad question does not stop a benchmark."""
   from qv_jax.infer import answer_batch
+
+  def ask(pairs):
+    return answer_batch(model, pairs, max_new_tokens=max_new_tokens, num_frames=num_frames, fps=fps,
+                        errors="return", **sampling)
+
+  def ask_each(pairs):
+    try:
+      return ask(pairs)
+    except Exception as e:  # noqa: BLE001 - any model failure is recorded per question
+      if len(pairs) == 1:
+        return [e]
+      return [a for pair in pairs for a in ask_each([pair])]
 
   def fn(items):
     outcomes, pending = [None] * len(items), []
@@ -48,11 +62,12 @@ def model_answer_fn(model, *, num_frames: int = 420, fps: float = 1.0, max_new_t
       except UnreadableVideo as e:
         outcomes[i] = Outcome(error=f"{item.key}: {e}", kind=UNREADABLE)
     if pending:
-      answers = answer_batch(model, [(video, items[i].question) for i, video in pending],
-                             max_new_tokens=max_new_tokens, num_frames=num_frames, fps=fps, errors="return",
-                             **sampling)
+      answers = ask_each([(video, items[i].question) for i, video in pending])
       for (i, _), a in zip(pending, answers):
-        if a.error:
+        if isinstance(a, Exception):
+          message = " ".join(f"{type(a).__name__}: {a}".split())[:500]
+          outcomes[i] = Outcome(error=f"{items[i].key}: {message}", kind=FAILED)
+        elif a.error:
           outcomes[i] = Outcome(error=f"{items[i].key}: {a.error}", kind=_error_kind(items[i], a.error))
         else:
           outcomes[i] = Outcome(text=a.text, num_frames=a.num_frames)
