@@ -42,10 +42,14 @@ class Quicksviewer(nnx.Module):
     -> [B, F, P, Dv]."""
     return constrain(self.vision_tower.encode_frames(frames), ("batch", "frames", "tokens", "vision_embed"))
 
-  def prepare_inputs(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True
+  def prepare_inputs(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True,
+                     features: jax.Array | None = None, max_seq_len: int | None = None
                      ) -> tuple[assembly.Assembled, CompressorOutput]:
-    """Vision, cubing, resampling and assembly: the decoder's merged inputs [B, max_seq_len, D]."""
-    features = self.frame_features(batch["frames"])
+    """Vision, cubing, resampling and assembly: the decoder's merged inputs [B, max_seq_len, D].
+    `features` [B, F, P, Dv]: the tower's output when already computed; `max_seq_len` overrides the
+    config's static merged length (inference sizes it per bucket)."""
+    if features is None:
+      features = self.frame_features(batch["frames"])
     is_video = batch["modality"] == MODALITY_VIDEO
     # Image samples pass through the cubing path too (static shapes); their outputs are never read.
     cube_frames = jnp.where(is_video, batch["num_frames"], jnp.maximum(batch["num_frames"], 2))
@@ -58,7 +62,8 @@ class Quicksviewer(nnx.Module):
         batch["input_ids"], batch["token_frame"], batch["token_valid"], batch["modality"], cubes.boundary,
         cubes.cube_ids, thumb_len=cubes.thumbnail.shape[1], cube_len=q, num_cube_slots=kmax,
         image_len=q if image_tokens is None else image_tokens.shape[2],
-        num_image_slots=features.shape[1], max_seq_len=self.max_seq_len)
+        num_image_slots=features.shape[1],
+        max_seq_len=self.max_seq_len if max_seq_len is None else int(max_seq_len))
     merged = assembly.assemble(plan, text_embeds, cubes.thumbnail, cubes.cube_tokens, image_tokens,
                                batch["labels"])
     return merged, cubes
