@@ -43,7 +43,9 @@ def parse_args(argv):
   p.add_argument("--mesh", default="auto",
                  help="data,fsdp,tensor sizes over this process's own devices, e.g. 1,-1,1 (one size may be -1: "
                       "the rest; all fixed: the first data*fsdp*tensor devices; auto: the loader's default)")
-  p.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                 help="compute and param dtype (default: the checkpoint config's)")
+  p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's, or the config's)")
   p.add_argument("--no-progress", dest="progress", action="store_false")
   p.add_argument("--distributed", choices=["auto", "on", "off"], default="auto")
   p.add_argument("--coordinator", help="host:port of process 0 (explicit clusters)")
@@ -91,8 +93,9 @@ def _mesh(spec: str):
 
 def _answer_fn(args):
   from qv_jax.infer import load
-  model = load(args.checkpoint, mesh=_mesh(args.mesh), dtype=args.dtype)
+  model = load(args.checkpoint, mesh=_mesh(args.mesh), dtype=args.dtype, tokenizer=args.tokenizer)
   return model_answer_fn(model, num_frames=args.num_frames, fps=args.fps, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size,
                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
 

@@ -33,7 +33,7 @@ Gather = Callable[[list[dict]], list[dict] | None]
 
 
 def model_answer_fn(model, *, num_frames: int = 420, fps: float = 1.0, max_new_tokens: int = 64,
-                    **sampling) -> AnswerFn:
+                    batch_size: int = 8, **sampling) -> AnswerFn:
   """Answers through `qv_jax.infer.answer_batch` (greedy unless `sampling` says otherwise). A missing or
   unreadable video becomes that item's error; the rest of the batch is answered. If the model raises on a
   batch, its items are answered one by one and the one that raises gets the error (the reference catches
@@ -42,7 +42,7 @@ def model_answer_fn(model, *, num_frames: int = 420, fps: float = 1.0, max_new_t
 
   def ask(pairs):
     return answer_batch(model, pairs, max_new_tokens=max_new_tokens, num_frames=num_frames, fps=fps,
-                        errors="return", **sampling)
+                        errors="return", batch_size=batch_size, **sampling)
 
   def ask_each(pairs):
     try:
