@@ -4,9 +4,10 @@ missing files matter) and answers the correct letter when it got an even number 
 import collections
 import os
 
+from data_pipeline.errors import BadSampleError
 from data_pipeline.video import read_video
 from qv_jax.infer.eval.frames import MissingVideo, folder_frames
-from qv_jax.infer.eval.harness import MISSING, Outcome
+from qv_jax.infer.eval.harness import MISSING, UNREADABLE, Outcome
 from qv_jax.infer.eval.items import FrameFolder
 
 
@@ -39,6 +40,9 @@ class FakeModel:
         n = frame_count(it.video)
       except MissingVideo as e:
         out.append(Outcome(error=f"{it.key}: {e}", kind=MISSING))
+        continue
+      except BadSampleError as e:
+        out.append(Outcome(error=f"{it.key}: {e}", kind=UNREADABLE))
         continue
       wrong = "ABCDEFGHIJ"[(ord(it.answer) - ord("A") + 1) % len(it.options)]
       out.append(Outcome(text=f"The answer is ({it.answer if n % 2 == 0 else wrong}).", num_frames=n))

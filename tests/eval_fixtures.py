@@ -4,7 +4,7 @@ and known answers. Each writer returns the root folder."""
 import json
 import os
 
-from videos import frame_pattern, write_video
+from videos import frame_pattern, write_garbage, write_video
 
 RATE = 4  # frames per second of the generated videos
 
@@ -85,6 +85,7 @@ def write_mvbench(root) -> str:
 
 
 def write_mlvu(root) -> str:
+  """Ten questions; `4_count/1` has no video file, `4_count/2` a corrupt one."""
   from qv_jax.infer.eval.readers.mlvu import TASKS
   root = os.fspath(root)
   for task, stem in TASKS.items():
@@ -96,9 +97,13 @@ def write_mlvu(root) -> str:
     if task == "count":
       data.append({"video": "gone.mp4", "duration": 4, "question": "How many?", "candidates": ["1", "2"],
                    "answer": "2", "question_type": task})
+      data.append({"video": "broken.mp4", "duration": 4, "question": "How many cuts?", "candidates": ["1", "2"],
+                   "answer": "1", "question_type": task})
     _json(os.path.join(root, "json", f"{stem}.json"), data)
     for sample in data:
-      if sample["video"] != "gone.mp4":
+      if sample["video"] == "broken.mp4":
+        write_garbage(os.path.join(root, "video", stem, sample["video"]))
+      elif sample["video"] != "gone.mp4":
         video(os.path.join(root, "video", stem, sample["video"]), sample["duration"])
   return root
 

@@ -1,6 +1,7 @@
 """The evaluation harness with a stand-in model: predictions and metrics per benchmark, kill + resume, process
 sharding and merge, the qv-eval command's one-line errors."""
 
+import dataclasses
 import json
 import os
 
@@ -36,9 +37,10 @@ def test_run_writes_predictions_and_metrics(roots, tmp_path, bench):
   assert values == json.loads((tmp_path / "metrics.json").read_text())
   assert values["missing_video"] == {"videomme": 1, "mvbench": 1, "mlvu": 1}[bench]
   assert values["skipped_samples"] == {"videomme": 1, "mvbench": 1, "mlvu": 0}[bench]
+  assert values["unreadable_video"] == (1 if bench == "mlvu" else 0)
   for r in records:
     if r["error"]:
-      assert r["error_kind"] == "missing_video" and r["pred_standard"] == r["pred_reference"] == ""
+      assert r["error_kind"] in ("missing_video", "unreadable_video") and r["pred_standard"] == r["pred_reference"] == ""
     else:
       assert r["pred_standard"] == r["pred_reference"] == (r["answer"] if r["num_frames"] % 2 == 0 else
                                                            r["output"][len("The answer is (")])
@@ -53,7 +55,7 @@ def test_run_writes_predictions_and_metrics(roots, tmp_path, bench):
     assert by_key["episodic_reasoning/0"]["num_frames"] == 6
     assert values["standard"]["tasks"] == 4 and values["reference_input_runs"] == 3
   else:
-    assert values["standard"]["total"] == 9 and values["reference"]["answered"] == 8
+    assert values["standard"]["total"] == 10 and values["reference"]["answered"] == 8
     assert values["standard"]["M-Avg"] == pytest.approx(metrics.mlvu(records, list(mlvu.TASKS))["standard"]["M-Avg"])
 
 
@@ -147,5 +149,32 @@ def test_retry_errors_answers_a_video_added_since(roots, tmp_path):
   assert harness.evaluate("mlvu", read, again, out, progress=False)["missing_video"] == 1 and again.calls == 0
   retry = FakeModel()
   values = harness.evaluate("mlvu", read, retry, out, progress=False, retry_errors=True)
-  assert list(retry.answered) == ["4_count/1"] and values["missing_video"] == 0
+  assert list(retry.answered) == ["4_count/1", "4_count/2"]          # the missing and the corrupt one
+  assert values["missing_video"] == 0 and values["unreadable_video"] == 1
   assert [r["key"] for r in lines(os.path.join(out, "predictions.jsonl"))] == [it.key for it in read.items]
+
+
+def test_model_answer_fn_isolates_a_failing_question(roots, monkeypatch):
+  import qv_jax.infer
+  from qv_jax.infer import Answer, Clip
+  read = mlvu.read(roots["mlvu"])
+  items = [read.items[0], read.items[1], read.items[5], read.items[6]]   # two fine, the missing one, a "boom"
+  items[3] = dataclasses.replace(items[3], question="boom")
+  calls = []
+
+  def fake_answer_batch(model, pairs, **kw):
+    calls.append((len(pairs), kw["batch_size"], kw["num_frames"], kw["errors"]))
+    assert all(isinstance(v, Clip) for v, _ in pairs)
+    if any(q == "boom" for _, q in pairs):
+      raise RuntimeError("XLA ran out of\nmemory")
+    return [Answer(text="(B)", token_ids=[], cubes=[], timestamps=[], prompt="", num_frames=3, prefill_s=0,
+                   decode_s=0, error="video decodes to 1 frame" if q.startswith("Question: Who") else None)
+            for _, q in pairs]
+
+  monkeypatch.setattr(qv_jax.infer, "answer_batch", fake_answer_batch)
+  fn = harness.model_answer_fn(object(), num_frames=16, batch_size=4)
+  out = fn(items)
+  assert [o.kind for o in out] == [None, "unreadable_video", "missing_video", "failed"]
+  assert out[0].text == "(B)" and out[0].num_frames == 3
+  assert out[3].error == f"{items[3].key}: RuntimeError: XLA ran out of memory"
+  assert calls == [(3, 4, 16, "return"), (1, 4, 16, "return"), (1, 4, 16, "return"), (1, 4, 16, "return")]

@@ -68,7 +68,7 @@ def test_mvbench_frame_folder_standard_and_reference_reading(tmp_path):
 def test_mlvu_reader(tmp_path):
   root = write_mlvu(tmp_path)
   read = mlvu.read(root)
-  assert len(read.items) == 9 and not read.skipped
+  assert len(read.items) == 10 and not read.skipped
   plot = read.items[0]
   assert plot.key == "1_plotQA/0" and plot.task == "plotQA" and plot.answer == "B"
   assert plot.question == ("Question: What about plotQA?\nOptions:\n(A) first\n(B) second\n(C) third\n(D) fourth\n"
