@@ -178,3 +178,16 @@ def test_model_answer_fn_isolates_a_failing_question(roots, monkeypatch):
   assert out[0].text == "(B)" and out[0].num_frames == 3
   assert out[3].error == f"{items[3].key}: RuntimeError: XLA ran out of memory"
   assert calls == [(3, 4, 16, "return"), (1, 4, 16, "return"), (1, 4, 16, "return"), (1, 4, 16, "return")]
+
+
+def test_resume_with_other_settings_is_refused(roots, tmp_path, capsys):
+  base = ["--benchmark", "mlvu", "--data", roots["mlvu"], "--checkpoint", "ck", "--out", str(tmp_path),
+          "--no-progress", "--limit", "2"]
+  assert cli.main(base + ["--num-frames", "8"], answer_fn=FakeModel()) == 0
+  assert json.loads((tmp_path / "run.json").read_text())["num_frames"] == 8
+  again = FakeModel()
+  assert cli.main(base + ["--num-frames", "16"], answer_fn=again) == 2
+  err = capsys.readouterr().err
+  assert "run.json: this folder holds a run with other settings (num_frames=8 there, 16 now)" in err
+  assert err.count("\n") == 1 and again.calls == 0
+  assert cli.main(base + ["--num-frames", "8", "--limit", "3"], answer_fn=again) == 0 and again.calls == 1

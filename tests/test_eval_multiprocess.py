@@ -59,4 +59,4 @@ def test_two_processes_score_like_one(tmp_path):
   assert two == one and one["items"] == 5
   assert ((tmp_path / "two" / "predictions.jsonl").read_text() ==
           (tmp_path / "one" / "predictions.jsonl").read_text())
-  assert sorted(os.listdir(tmp_path / "two")) == ["metrics.json", "predictions.jsonl"]
+  assert sorted(os.listdir(tmp_path / "two")) == ["metrics.json", "predictions.jsonl", "run.json"]

@@ -99,6 +99,15 @@ def _answer_fn(args):
                          temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
 
 
+def settings(args) -> dict:
+  """What the answers depend on: a resumed run must use the same (OUT/run.json)."""
+  import os
+  return {"benchmark": args.benchmark, "checkpoint": os.path.abspath(args.checkpoint), "num_frames": args.num_frames,
+          "fps": args.fps, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+          "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed, "dtype": args.dtype,
+          "tokenizer": args.tokenizer, "reference_inputs": args.reference_inputs}
+
+
 def main(argv=None, answer_fn=None) -> int:
   """`answer_fn` replaces the model (tests)."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -114,10 +123,7 @@ def main(argv=None, answer_fn=None) -> int:
     values = evaluate(args.benchmark, read, fn, args.out, batch_size=args.batch_size,
                       process_index=jax.process_index(), process_count=jax.process_count(),
                       gather=distributed.gather_records, progress=args.progress,
-                      retry_errors=args.retry_errors,
-                      extra={"checkpoint": args.checkpoint, "num_frames": args.num_frames, "fps": args.fps,
-                             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                             "reference_inputs": args.reference_inputs, "limit": args.limit})
+                      retry_errors=args.retry_errors, settings=settings(args), extra={"limit": args.limit})
   except (BenchmarkError, ValueError, FileNotFoundError) as e:
     print(f"qv-eval: error: {e}", file=sys.stderr)
     return 2

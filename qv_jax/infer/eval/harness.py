@@ -102,12 +102,15 @@ def shard(items: Sequence[Item], process_index: int, process_count: int) -> list
 
 def answer_items(items: Sequence[Item], answer_fn: AnswerFn, out_dir: str, *, batch_size: int = 8,
                  process_index: int = 0, process_count: int = 1, progress: bool = True,
-                 desc: str = "eval", retry_errors: bool = False) -> list[dict]:
+                 desc: str = "eval", retry_errors: bool = False, settings: dict | None = None) -> list[dict]:
   """Answers this process's shard of `items` not yet in out_dir's predictions (`retry_errors`: nor those
   that failed), appending each batch to its file (fsync'd) before the next; each failure is printed as one
-  line. Returns this process's records (old and new)."""
+  line. `settings` (what the answers depend on) must match those of the run that left answers there.
+  Returns this process's records (old and new)."""
   from tqdm import tqdm
   os.makedirs(out_dir, exist_ok=True)
+  if settings is not None:
+    store.check_settings(out_dir, settings)
   done = store.read_all(out_dir)
   mine = shard(items, process_index, process_count)
   todo = [it for it in mine if it.key not in done or (retry_errors and done[it.key].get("error"))]
@@ -138,11 +141,13 @@ def answer_items(items: Sequence[Item], answer_fn: AnswerFn, out_dir: str, *, ba
 
 
 def _counts(records) -> dict:
-  kinds = {MISSING: 0, UNREADABLE: 0, FAILED: 0}
+  """Failed questions by kind (standard runs; the reference-input runs' failures in one count)."""
+  kinds = {MISSING: 0, UNREADABLE: 0, FAILED: 0, "reference_input_errors": 0}
   examples = []
   for r in records:
     if r.get("error"):
-      kinds[r.get("error_kind") or FAILED] = kinds.get(r.get("error_kind") or FAILED, 0) + 1
+      kind = (r.get("error_kind") or FAILED) if r["variant"] == "standard" else "reference_input_errors"
+      kinds[kind] += 1
       if len(examples) < 20:
         examples.append(r["error"])
   return {**kinds, "error_examples": examples}
@@ -174,20 +179,21 @@ def score(benchmark: str, read: ReadResult, records: Sequence[dict]) -> tuple[li
 
 def evaluate(benchmark: str, read: ReadResult, answer_fn: AnswerFn, out_dir: str, *, batch_size: int = 8,
              process_index: int = 0, process_count: int = 1, gather: Gather | None = None,
-             progress: bool = True, retry_errors: bool = False, extra: dict | None = None) -> dict | None:
+             progress: bool = True, retry_errors: bool = False, settings: dict | None = None,
+             extra: dict | None = None) -> dict | None:
   """Answers, merges (process 0, after `gather` collects every process's records), writes predictions.jsonl
-  and metrics.json; returns the metrics on process 0, None elsewhere."""
+  and metrics.json (with `settings` and `extra`); returns the metrics on process 0, None elsewhere."""
   if len({it.key for it in read.items}) != len(read.items):
     raise ValueError("benchmark items must have unique keys")
   mine = answer_items(read.items, answer_fn, out_dir, batch_size=batch_size, process_index=process_index,
                       process_count=process_count, progress=progress, desc=benchmark,
-                      retry_errors=retry_errors)
+                      retry_errors=retry_errors, settings=settings)
   everything = gather(mine) if gather else mine
   if process_index != 0:
     return None
   records, values = score(benchmark, read, everything)
   store.write_merged(out_dir, records)
-  values = {**values, **(extra or {})}
+  values = {**values, **(settings or {}), **(extra or {})}
   with open(os.path.join(out_dir, "metrics.json.tmp"), "w") as f:
     json.dump(values, f, indent=2)
   os.replace(os.path.join(out_dir, "metrics.json.tmp"), os.path.join(out_dir, "metrics.json"))

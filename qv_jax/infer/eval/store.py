@@ -5,6 +5,7 @@ import json
 import os
 
 MERGED = "predictions.jsonl"
+SETTINGS = "run.json"
 
 
 def part_name(process_index: int, process_count: int) -> str:
@@ -75,3 +76,21 @@ def write_merged(out_dir: str, records) -> str:
   for part in glob.glob(os.path.join(out_dir, "predictions.part*.jsonl")):
     os.remove(part)
   return path
+
+
+def check_settings(out_dir: str, settings: dict) -> None:
+  """Writes out_dir/run.json on the first run; a later run (a resume) must have the same settings, or its
+  answers would silently mix with answers to other inputs. ValueError naming the differing fields."""
+  path = os.path.join(out_dir, SETTINGS)
+  if os.path.isfile(path):
+    with open(path) as f:
+      stored = json.load(f)
+    differ = [f"{k}={stored.get(k)!r} there, {settings.get(k)!r} now" for k in sorted(set(stored) | set(settings))
+              if stored.get(k) != settings.get(k)]
+    if differ:
+      raise ValueError(f"{path}: this folder holds a run with other settings ({'; '.join(differ)}); "
+                       "use another --out or the same settings")
+    return
+  with open(f"{path}.tmp{os.getpid()}", "w") as f:
+    json.dump(settings, f, indent=2, sort_keys=True)
+  os.replace(f"{path}.tmp{os.getpid()}", path)
