@@ -29,7 +29,6 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--stream", action="store_true", help="print tokens as they come")
   p.add_argument("--json", action="store_true", help="print a JSON object with cubes, timings and prompt")
-  # VIDEO then QUESTION positionally: argparse gives "video" first, so reorder the parser's positionals
   return p.parse_args(argv)
 
 
