@@ -154,17 +154,18 @@ def test_retry_errors_answers_a_video_added_since(roots, tmp_path):
   assert [r["key"] for r in lines(os.path.join(out, "predictions.jsonl"))] == [it.key for it in read.items]
 
 
-def test_model_answer_fn_isolates_a_failing_question(roots, monkeypatch):
+def test_model_answerer_isolates_a_failing_question(roots, monkeypatch):
+  import types
   import qv_jax.infer
-  from qv_jax.infer import Answer, Clip
+  from qv_jax.infer import Answer, Frames
   read = mlvu.read(roots["mlvu"])
-  items = [read.items[0], read.items[1], read.items[5], read.items[6]]   # two fine, the missing one, a "boom"
+  items = [read.items[0], read.items[1], read.items[5], read.items[7]]   # two fine, the missing one, a "boom"
   items[3] = dataclasses.replace(items[3], question="boom")
   calls = []
 
   def fake_answer_batch(model, pairs, **kw):
     calls.append((len(pairs), kw["batch_size"], kw["num_frames"], kw["errors"]))
-    assert all(isinstance(v, Clip) for v, _ in pairs)
+    assert all(isinstance(v, Frames) and v.frames.shape[1:] == (32, 32, 3) for v, _ in pairs)
     if any(q == "boom" for _, q in pairs):
       raise RuntimeError("XLA ran out of\nmemory")
     return [Answer(text="(B)", token_ids=[], cubes=[], timestamps=[], prompt="", num_frames=3, prefill_s=0,
@@ -172,7 +173,8 @@ def test_model_answer_fn_isolates_a_failing_question(roots, monkeypatch):
             for _, q in pairs]
 
   monkeypatch.setattr(qv_jax.infer, "answer_batch", fake_answer_batch)
-  fn = harness.model_answer_fn(object(), num_frames=16, batch_size=4)
+  model = types.SimpleNamespace(config=types.SimpleNamespace(data=types.SimpleNamespace(image_size=32)))
+  fn = harness.ModelAnswerer(model, num_frames=16, batch_size=4)
   out = fn(items)
   assert [o.kind for o in out] == [None, "unreadable_video", "missing_video", "failed"]
   assert out[0].text == "(B)" and out[0].num_frames == 3
@@ -191,3 +193,34 @@ def test_resume_with_other_settings_is_refused(roots, tmp_path, capsys):
   assert "run.json: this folder holds a run with other settings (num_frames=8 there, 16 now)" in err
   assert err.count("\n") == 1 and again.calls == 0
   assert cli.main(base + ["--num-frames", "8", "--limit", "3"], answer_fn=again) == 0 and again.calls == 1
+
+
+class _Prefetching(FakeModel):
+  """Batch 0's answer waits until batch 1's videos are being prepared: only a harness that prepares one batch
+  ahead, in another thread, gets past it."""
+
+  def __init__(self):
+    super().__init__()
+    import threading
+    self.second_prepared = threading.Event()
+    self.prepared = []
+
+  def prepare(self, items):
+    self.prepared.append([it.key for it in items])
+    if len(self.prepared) == 2:
+      self.second_prepared.set()
+    return [it.key for it in items]
+
+  def __call__(self, items, prepared):
+    assert prepared == [it.key for it in items]
+    if self.calls == 0:
+      assert self.second_prepared.wait(timeout=60), "batch 1 was not prepared while batch 0 was answered"
+    return super().__call__(items)
+
+
+def test_videos_are_prepared_one_batch_ahead(roots, tmp_path):
+  read = mlvu.read(roots["mlvu"])
+  fake = _Prefetching()
+  values = harness.evaluate("mlvu", read, fake, str(tmp_path), batch_size=4, progress=False)
+  assert fake.prepared == [[it.key for it in read.items[i:i + 4]] for i in range(0, len(read.items), 4)]
+  assert values == harness.evaluate("mlvu", read, FakeModel(), str(tmp_path / "plain"), batch_size=4, progress=False)

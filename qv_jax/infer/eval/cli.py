@@ -13,7 +13,7 @@ import json
 import sys
 
 from qv_jax.infer.eval import distributed
-from qv_jax.infer.eval.harness import evaluate, model_answer_fn
+from qv_jax.infer.eval.harness import ModelAnswerer, evaluate
 from qv_jax.infer.eval.items import BenchmarkError, ReadResult
 from qv_jax.infer.eval.readers import mlvu, mvbench, videomme
 
@@ -94,9 +94,9 @@ def _mesh(spec: str):
 def _answer_fn(args):
   from qv_jax.infer import load
   model = load(args.checkpoint, mesh=_mesh(args.mesh), dtype=args.dtype, tokenizer=args.tokenizer)
-  return model_answer_fn(model, num_frames=args.num_frames, fps=args.fps, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size,
-                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+  return ModelAnswerer(model, num_frames=args.num_frames, fps=args.fps, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, seed=args.seed)
 
 
 def settings(args) -> dict:

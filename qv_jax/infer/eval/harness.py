@@ -2,9 +2,11 @@
 resume what a killed run left, merge on process 0, score.
 
 The model is behind `AnswerFn` (a batch of items -> one `Outcome` per item), so the loop is tested without
-one; `model_answer_fn` wires the real `qv_jax.infer.answer_batch`.
+one; `ModelAnswerer` wires the real `qv_jax.infer.answer_batch`. An AnswerFn with a `prepare(items)` method
+(video decoding) gets it run one batch ahead in a thread and is called as `fn(items, prepared)`.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -32,37 +34,54 @@ AnswerFn = Callable[[Sequence[Item]], list[Outcome]]
 Gather = Callable[[list[dict]], list[dict] | None]
 
 
-def model_answer_fn(model, *, num_frames: int = 420, fps: float = 1.0, max_new_tokens: int = 64,
-                    batch_size: int = 8, **sampling) -> AnswerFn:
-  """Answers through `qv_jax.infer.answer_batch` (greedy unless `sampling` says otherwise). A missing or
-  unreadable video becomes that item's error; the rest of the batch is answered. If the model raises on a
-  batch, its items are answered one by one and the one that raises gets the error (the reference catches
-  every exception per question and scores ""), so one bad question does not stop a benchmark."""
-  from qv_jax.infer import answer_batch
+class ModelAnswerer:
+  """An AnswerFn over `qv_jax.infer.answer_batch` (greedy unless `sampling` says otherwise).
 
-  def ask(pairs):
-    return answer_batch(model, pairs, max_new_tokens=max_new_tokens, num_frames=num_frames, fps=fps,
-                        errors="return", batch_size=batch_size, **sampling)
+  `prepare(items)` decodes a batch's videos (`qv_jax.infer.inputs.read_frames`, the API's own reading, so
+  the frames are those the API would read); the harness runs it for the next batch in a thread while the
+  model answers this one (one extra batch of frames in memory). A missing or unreadable video becomes that
+  item's error; the rest of the batch is answered. If the model raises on a batch, its items are answered one
+  by one and the one that raises gets the error (the reference catches every exception per question and
+  scores ""), so one bad question does not stop a benchmark."""
 
-  def ask_each(pairs):
+  def __init__(self, model, *, num_frames: int = 420, fps: float = 1.0, max_new_tokens: int = 64,
+               batch_size: int = 8, **sampling):
+    self.model, self.num_frames, self.fps = model, num_frames, fps
+    self.kwargs = dict(max_new_tokens=max_new_tokens, num_frames=num_frames, fps=fps, errors="return",
+                       batch_size=batch_size, **sampling)
+
+  def prepare(self, items: Sequence[Item]) -> list:
+    """One `Frames` or error `Outcome` per item."""
+    from qv_jax.infer import Frames, VideoError
+    from qv_jax.infer.inputs import read_frames
+    size = int(self.model.config.data.image_size)
+    out = []
+    for item in items:
+      try:
+        video = to_api_video(item.video, self.num_frames, self.fps)
+        frames, stamps = read_frames(video, image_size=size, num_frames=self.num_frames, fps=self.fps)
+        out.append(Frames(frames, stamps, name=item.video.path))
+      except MissingVideo as e:
+        out.append(Outcome(error=f"{item.key}: {e}", kind=MISSING))
+      except (UnreadableVideo, VideoError) as e:
+        out.append(Outcome(error=f"{item.key}: {e}", kind=UNREADABLE))
+    return out
+
+  def _ask_each(self, pairs):
+    from qv_jax.infer import answer_batch
     try:
-      return ask(pairs)
+      return answer_batch(self.model, pairs, **self.kwargs)
     except Exception as e:  # noqa: BLE001 - any model failure is recorded per question
       if len(pairs) == 1:
         return [e]
-      return [a for pair in pairs for a in ask_each([pair])]
+      return [a for pair in pairs for a in self._ask_each([pair])]
 
-  def fn(items):
-    outcomes, pending = [None] * len(items), []
-    for i, item in enumerate(items):
-      try:
-        pending.append((i, to_api_video(item.video, num_frames, fps)))
-      except MissingVideo as e:
-        outcomes[i] = Outcome(error=f"{item.key}: {e}", kind=MISSING)
-      except UnreadableVideo as e:
-        outcomes[i] = Outcome(error=f"{item.key}: {e}", kind=UNREADABLE)
+  def __call__(self, items: Sequence[Item], prepared: list | None = None) -> list[Outcome]:
+    prepared = self.prepare(items) if prepared is None else prepared
+    outcomes = [p if isinstance(p, Outcome) else None for p in prepared]
+    pending = [(i, p) for i, p in enumerate(prepared) if not isinstance(p, Outcome)]
     if pending:
-      answers = ask_each([(video, items[i].question) for i, video in pending])
+      answers = self._ask_each([(video, items[i].question) for i, video in pending])
       for (i, _), a in zip(pending, answers):
         if isinstance(a, Exception):
           message = " ".join(f"{type(a).__name__}: {a}".split())[:500]
@@ -72,8 +91,6 @@ def model_answer_fn(model, *, num_frames: int = 420, fps: float = 1.0, max_new_t
         else:
           outcomes[i] = Outcome(text=a.text, num_frames=a.num_frames)
     return outcomes
-
-  return fn
 
 
 def _error_kind(item: Item, message: str) -> str:
@@ -121,10 +138,18 @@ def answer_items(items: Sequence[Item], answer_fn: AnswerFn, out_dir: str, *, ba
           f"answering {len(todo)}", file=sys.stderr, flush=True)
   bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=label, unit="q", disable=not progress,
              dynamic_ncols=True)
+  batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+  prepare = getattr(answer_fn, "prepare", None)
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eval-prefetch") if prepare else None
+  ahead = pool.submit(prepare, batches[0]) if pool and batches else None
   try:
-    for start in range(0, len(todo), batch_size):
-      batch = todo[start:start + batch_size]
-      outcomes = answer_fn(batch)
+    for k, batch in enumerate(batches):
+      if pool:
+        prepared = ahead.result()
+        ahead = pool.submit(prepare, batches[k + 1]) if k + 1 < len(batches) else None
+        outcomes = answer_fn(batch, prepared)
+      else:
+        outcomes = answer_fn(batch)
       if len(outcomes) != len(batch):
         raise RuntimeError(f"answer function returned {len(outcomes)} outcomes for {len(batch)} items")
       records = [_record(it, o) for it, o in zip(batch, outcomes)]
@@ -135,6 +160,8 @@ def answer_items(items: Sequence[Item], answer_fn: AnswerFn, out_dir: str, *, ba
       done.update((r["key"], r) for r in records)
       bar.update(len(batch))
   finally:
+    if pool:
+      pool.shutdown(wait=False, cancel_futures=True)
     bar.close()
     appender.close()
   return [done[it.key] for it in mine]
