@@ -49,13 +49,14 @@ def setup(tmp_path_factory):
 
 
 def _reference_greedy(model, video, question, steps):
-  """Step-by-step greedy decoding recomputing every logit from the whole sequence (no cache)."""
+  """Step-by-step greedy decoding recomputing every logit from the whole sequence (no cache), with the
+  decoder's stacked (scanned) layers while `answer` runs them unrolled (`unstack_layers`)."""
   frames, ts = inputs.read_frames(video, image_size=model.config.data.image_size)
   sample = inputs.make_sample(frames, ts, inputs.conversation(question), tokenizer=model.tokenizer,
                               template=model.template)
   prepared = runner.prepare(model, runner.collate(model, [sample]))
   n = int(prepared.length[0])
-  decoder = runner.decoder_of(model)
+  decoder = runner.decoder_of(load(model.path, mesh=model.mesh, unstack_layers=False))
   seq = prepared.embeds[:, :n]
   out = []
   for _ in range(steps):
@@ -72,7 +73,7 @@ def _reference_greedy(model, video, question, steps):
 def test_greedy_answer_equals_full_recompute_and_second_question_compiles_nothing(setup):
   model, v1 = setup["model"], setup["v1"]
   got = answer(model, v1, QUESTION, max_new_tokens=6)
-  assert isinstance(got, Answer) and got.error is None
+  assert isinstance(got, Answer) and got.error is None and model.layer_params is not None
   want = _reference_greedy(model, v1, QUESTION, 6)
   assert got.token_ids == want
   assert len(set(want)) > 1                     # not a degenerate constant model

@@ -8,6 +8,9 @@ is read from there.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import os
 import time
 from typing import Callable, Sequence
 
@@ -18,6 +21,7 @@ from qv_jax.infer.types import Answer, Cube, QuestionError, Video, VideoError
 
 DEFAULT_MAX_NEW_TOKENS = 2048   # the reference CLI's
 DEFAULT_BATCH = 8
+READ_THREADS = 4                # videos decoded concurrently by answer_batch (PyAV releases the GIL)
 
 
 def postprocess(model, ids: Sequence[int]) -> tuple[list[int], str]:
@@ -125,7 +129,8 @@ def answer_batch(model, items: Sequence[tuple[Video, str]], *, max_new_tokens: i
   """Answers (video, question) pairs in static batches of `batch_size` rows (rounded up to a multiple of
   the mesh's data size; the last batch is padded), split over the data axis. Order is preserved.
   errors="return": an item whose video is missing or unreadable, or whose question is empty, gives an
-  Answer with `error` set and text "" instead of raising."""
+  Answer with `error` set and text "" instead of raising. Videos are decoded by a few threads while
+  earlier batches run."""
   if errors not in ("raise", "return"):
     raise ValueError(f"errors={errors!r}; expected 'raise' or 'return'")
   _check_settings(max_new_tokens, temperature, top_p, top_k)
@@ -142,21 +147,39 @@ def answer_batch(model, items: Sequence[tuple[Video, str]], *, max_new_tokens: i
       results[i] = a
     pending.clear()
 
-  for i, (video, question) in enumerate(items):
+  def read(item):
+    video, question = item
     try:
-      turns = inputs.conversation(question)
-      frames, timestamps, video_s = _read(model, video, num_frames, fps)
+      return inputs.conversation(question), _read(model, video, num_frames, fps)
     except (VideoError, QuestionError) as e:
-      if errors == "raise":
-        raise
-      results[i] = Answer(text="", token_ids=[], cubes=[], timestamps=[], prompt="", num_frames=0,
-                          prefill_s=0.0, decode_s=0.0, error=str(e))
-      continue
-    pending.append((i, (frames, timestamps, turns)))
-    if len(pending) == rows:
-      flush()
+      return e
+
+  workers = max(1, min(rows, os.cpu_count() or 1, READ_THREADS))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for i, got in enumerate(_bounded_map(pool, read, items, ahead=2 * rows)):
+      if isinstance(got, Exception):
+        if errors == "raise":
+          raise got
+        results[i] = Answer(text="", token_ids=[], cubes=[], timestamps=[], prompt="", num_frames=0,
+                            prefill_s=0.0, decode_s=0.0, error=str(got))
+        continue
+      turns, (frames, timestamps, _) = got
+      pending.append((i, (frames, timestamps, turns)))
+      if len(pending) == rows:
+        flush()
   flush()
   return results
+
+
+def _bounded_map(pool, fn, items, *, ahead: int):
+  """pool.map with at most `ahead` results pending (decoded videos are large)."""
+  window = collections.deque()
+  for item in items:
+    window.append(pool.submit(fn, item))
+    if len(window) >= ahead:
+      yield window.popleft().result()
+  while window:
+    yield window.popleft().result()
 
 
 class Conversation:

@@ -43,9 +43,11 @@ class Model:
   path: str
   kind: str                       # "converted" | "workdir"
   step: int | None = None
+  layer_params: list | None = None  # per-layer decoder params when unstacked (state's layers are then empty)
 
   @property
   def module(self) -> Quicksviewer:
+    """The whole model; with `layer_params` set its decoder runs only given `layer_params=`."""
     return nnx.merge(self.graphdef, self.state)
 
   @property
@@ -124,13 +126,24 @@ def _tokenizer_path(path: str, config, tokenizer) -> str:
                             "tokenizer=PATH (a local tokenizer.json)")
 
 
+def _unstack_decoder_layers(state, num_layers: int) -> list:
+  """Moves the stacked decoder layer params out of `state` (left as empty placeholders) into one param
+  state per layer (see `qv_jax.model.decoder.split_layers`)."""
+  layers = state["decoder"]["layers"]
+  per_layer = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)]
+  state["decoder"]["layers"] = jax.tree.map(lambda a: jax.numpy.zeros((0,), a.dtype), layers)
+  return per_layer
+
+
 def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None = None,
-         tokenizer: str | os.PathLike | None = None) -> Model:
+         tokenizer: str | os.PathLike | None = None, unstack_layers: bool | None = None) -> Model:
   """Loads a `qv-convert` output directory or a training work directory (its latest step).
 
   The config is the one stored there. dtype ("bfloat16", "float32", ...) overrides the compute and param
   dtypes (None: as stored in the config). mesh None: `default_mesh` over all local devices. The params are
   restored straight into their shardings (fsdp / tensor as the mesh has them, replicated over data).
+  unstack_layers (default: on the CPU backend only) keeps the decoder's layer params as one array per
+  layer, so decoding never slices a stacked weight (XLA:CPU copies such a slice before each matmul).
   Raises CheckpointLoadError (a ValueError) naming the directory and what is missing or differs."""
   path = os.fspath(path)
   config, kind = _read_config(path)
@@ -167,6 +180,11 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None
       raise CheckpointLoadError(f"checkpoint {path}: {str(e).splitlines()[0]}"
                                 + (" ..." if "\n" in str(e) else "")) from None
   nnx.replace_by_pure_dict(abstract, params)
-  return Model(config=config, graphdef=graphdef, state=abstract, mesh=mesh, rules=rules, tokenizer=tok,
+  if unstack_layers is None:
+    unstack_layers = jax.default_backend() == "cpu"
+  layer_params = None
+  if unstack_layers:
+    layer_params = _unstack_decoder_layers(abstract, int(config.model.decoder.num_layers))
+  return Model(layer_params=layer_params, config=config, graphdef=graphdef, state=abstract, mesh=mesh, rules=rules, tokenizer=tok,
                template=template, eos_id=eos_token_id(tok), pad_id=pad_token_id(tok), bos_id=bos_token_id(tok),
                path=path, kind=kind, step=step)

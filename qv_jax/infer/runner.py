@@ -135,7 +135,7 @@ def generate(model, prepared: Prepared, *, max_new_tokens: int, temperature: flo
   with model.context():
     gen = Generator(decoder_of(model), max_new_tokens=max_new_tokens, eos_id=model.eos_id, pad_id=model.pad_id,
                     temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                    key=key)
+                    key=key, layer_params=model.layer_params)
     t0 = time.perf_counter()
     st = jax.block_until_ready(gen.start(inputs_embeds=prepared.embeds, mask=prepared.mask,
                                          positions=prepared.positions))

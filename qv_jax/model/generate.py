@@ -87,8 +87,8 @@ def _mark(seen, tok):
   return None if seen is None else seen.at[jnp.arange(tok.shape[0]), tok].set(True)
 
 
-def _prefill_impl(decoder, input_ids, inputs_embeds, mask, positions, s: Sampling, *, max_new_tokens, greedy,
-                  top_k, use_top_p, penalize, cache_dtype) -> DecodeState:
+def _prefill_impl(decoder, layer_params, input_ids, inputs_embeds, mask, positions, s: Sampling, *,
+                  max_new_tokens, greedy, top_k, use_top_p, penalize, cache_dtype) -> DecodeState:
   batch, prompt_len = mask.shape
   if positions is None:
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
@@ -106,7 +106,7 @@ def _prefill_impl(decoder, input_ids, inputs_embeds, mask, positions, s: Samplin
 
   cache = decoder.init_cache(batch, prompt_len + max_new_tokens - 1, cache_dtype)
   hidden, cache = decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, positions=positions, mask=mask,
-                          cache=cache, return_hidden=True)
+                          cache=cache, return_hidden=True, layer_params=layer_params)
   last = jnp.take_along_axis(hidden, last_slot[:, None, None], axis=1)
   logits = decoder.logits_from_hidden(last)[:, 0]
   tok = _select(decoder, logits, 0, seen, s, greedy, top_k, use_top_p, penalize)
@@ -115,7 +115,7 @@ def _prefill_impl(decoder, input_ids, inputs_embeds, mask, positions, s: Samplin
                      seen=_mark(seen, tok), next_position=next_position)
 
 
-def _decode_impl(decoder, state: DecodeState, until, s: Sampling, *, greedy, top_k, use_top_p,
+def _decode_impl(decoder, layer_params, state: DecodeState, until, s: Sampling, *, greedy, top_k, use_top_p,
                  penalize) -> DecodeState:
   batch, max_new_tokens = state.out.shape
   until = jnp.minimum(until, max_new_tokens)
@@ -125,7 +125,7 @@ def _decode_impl(decoder, state: DecodeState, until, s: Sampling, *, greedy, top
 
   def body(st):
     logits, cache = decoder(input_ids=st.token[:, None], positions=(st.next_position + st.step - 1)[:, None],
-                            mask=jnp.ones((batch, 1), bool), cache=st.cache)
+                            mask=jnp.ones((batch, 1), bool), cache=st.cache, layer_params=layer_params)
     new = jnp.where(st.finished, s.pad_id,
                     _select(decoder, logits[:, 0], st.step, st.seen, s, greedy, top_k, use_top_p, penalize))
     out = jax.lax.dynamic_update_slice(st.out, new[:, None], (0, st.step))
@@ -139,16 +139,16 @@ _STATIC = ("graphdef", "greedy", "top_k", "use_top_p", "penalize")
 
 
 @partial(jax.jit, static_argnames=_STATIC + ("max_new_tokens", "cache_dtype"))
-def _prefill(state, input_ids, inputs_embeds, mask, positions, sampling, *, graphdef, max_new_tokens, greedy,
-             top_k, use_top_p, penalize, cache_dtype):
-  return _prefill_impl(nnx.merge(graphdef, state), input_ids, inputs_embeds, mask, positions, sampling,
+def _prefill(state, layer_params, input_ids, inputs_embeds, mask, positions, sampling, *, graphdef, max_new_tokens,
+             greedy, top_k, use_top_p, penalize, cache_dtype):
+  return _prefill_impl(nnx.merge(graphdef, state), layer_params, input_ids, inputs_embeds, mask, positions, sampling,
                        max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
                        penalize=penalize, cache_dtype=cache_dtype)
 
 
 @partial(jax.jit, static_argnames=_STATIC, donate_argnames=("decode_state",))
-def _decode(state, decode_state, until, sampling, *, graphdef, greedy, top_k, use_top_p, penalize):
-  return _decode_impl(nnx.merge(graphdef, state), decode_state, until, sampling, greedy=greedy, top_k=top_k,
+def _decode(state, layer_params, decode_state, until, sampling, *, graphdef, greedy, top_k, use_top_p, penalize):
+  return _decode_impl(nnx.merge(graphdef, state), layer_params, decode_state, until, sampling, greedy=greedy, top_k=top_k,
                       use_top_p=use_top_p, penalize=penalize)
 
 
@@ -157,21 +157,23 @@ def _generate(state, input_ids, inputs_embeds, mask, positions, sampling, *, gra
               top_k, use_top_p, penalize, cache_dtype):
   decoder = nnx.merge(graphdef, state)
   flags = dict(greedy=greedy, top_k=top_k, use_top_p=use_top_p, penalize=penalize)
-  st = _prefill_impl(decoder, input_ids, inputs_embeds, mask, positions, sampling,
+  st = _prefill_impl(decoder, None, input_ids, inputs_embeds, mask, positions, sampling,
                      max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, **flags)
-  return _decode_impl(decoder, st, jnp.int32(max_new_tokens), sampling, **flags).out
+  return _decode_impl(decoder, None, st, jnp.int32(max_new_tokens), sampling, **flags).out
 
 
 class Generator:
   """Prefill and decode as two jitted calls, for timing them apart and for streaming: `start(...)` prefills
   and returns the `DecodeState` holding the first token; `advance(st, until)` decodes up to `until` tokens
   in total (or until every sequence finished). Both compile once per prompt shape / settings; `until`
-  is traced. Arguments as `generate`'s."""
+  is traced. Arguments as `generate`'s; `layer_params`: the per-layer params of `split_layers(decoder)`
+  (the decoder passed is then the split one), run unrolled."""
 
   def __init__(self, decoder, *, max_new_tokens: int, eos_id, pad_id: int, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-               key: jax.Array | None = None, cache_dtype: Any = None):
+               key: jax.Array | None = None, cache_dtype: Any = None, layer_params=None):
     self.graphdef, self.state = nnx.split(decoder)
+    self.layer_params = layer_params
     self.max_new_tokens = int(max_new_tokens)
     self.sampling, self.flags = _settings(max_new_tokens, eos_id, pad_id, temperature, top_p, top_k,
                                           repetition_penalty, key)
@@ -179,13 +181,13 @@ class Generator:
 
   def start(self, *, input_ids=None, inputs_embeds=None, mask=None, positions=None) -> DecodeState:
     input_ids, inputs_embeds, mask, positions = _prompt(input_ids, inputs_embeds, mask, positions)
-    return _prefill(self.state, input_ids, inputs_embeds, mask, positions, self.sampling,
+    return _prefill(self.state, self.layer_params, input_ids, inputs_embeds, mask, positions, self.sampling,
                     graphdef=self.graphdef, max_new_tokens=self.max_new_tokens, cache_dtype=self.cache_dtype,
                     **self.flags)
 
   def advance(self, decode_state: DecodeState, until: int | None = None) -> DecodeState:
     until = self.max_new_tokens if until is None else int(until)
-    return _decode(self.state, decode_state, jnp.int32(until), self.sampling, graphdef=self.graphdef,
+    return _decode(self.state, self.layer_params, decode_state, jnp.int32(until), self.sampling, graphdef=self.graphdef,
                    **self.flags)
 
 
