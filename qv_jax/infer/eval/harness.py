@@ -19,6 +19,7 @@ from qv_jax.infer.eval.items import Item, ReadResult
 from qv_jax.infer.eval.readers import mlvu, mvbench
 
 MISSING, UNREADABLE, FAILED = "missing_video", "unreadable_video", "failed"
+READ_THREADS = 4
 
 
 @dataclasses.dataclass
@@ -50,22 +51,24 @@ class ModelAnswerer:
     self.kwargs = dict(max_new_tokens=max_new_tokens, num_frames=num_frames, fps=fps, errors="return",
                        batch_size=batch_size, **sampling)
 
-  def prepare(self, items: Sequence[Item]) -> list:
-    """One `Frames` or error `Outcome` per item."""
+  def _prepare_one(self, item: Item):
     from qv_jax.infer import Frames, VideoError
     from qv_jax.infer.inputs import read_frames
-    size = int(self.model.config.data.image_size)
-    out = []
-    for item in items:
-      try:
-        video = to_api_video(item.video, self.num_frames, self.fps)
-        frames, stamps = read_frames(video, image_size=size, num_frames=self.num_frames, fps=self.fps)
-        out.append(Frames(frames, stamps, name=item.video.path))
-      except MissingVideo as e:
-        out.append(Outcome(error=f"{item.key}: {e}", kind=MISSING))
-      except (UnreadableVideo, VideoError) as e:
-        out.append(Outcome(error=f"{item.key}: {e}", kind=UNREADABLE))
-    return out
+    try:
+      video = to_api_video(item.video, self.num_frames, self.fps)
+      frames, stamps = read_frames(video, image_size=int(self.model.config.data.image_size),
+                                   num_frames=self.num_frames, fps=self.fps)
+      return Frames(frames, stamps, name=item.video.path)
+    except MissingVideo as e:
+      return Outcome(error=f"{item.key}: {e}", kind=MISSING)
+    except (UnreadableVideo, VideoError) as e:
+      return Outcome(error=f"{item.key}: {e}", kind=UNREADABLE)
+
+  def prepare(self, items: Sequence[Item]) -> list:
+    """One `Frames` or error `Outcome` per item, decoded by up to READ_THREADS threads."""
+    workers = max(1, min(len(items), os.cpu_count() or 1, READ_THREADS))
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="eval-read") as pool:
+      return list(pool.map(self._prepare_one, items))
 
   def _ask_each(self, pairs):
     from qv_jax.infer import answer_batch
