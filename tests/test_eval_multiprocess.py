@@ -1,5 +1,6 @@
-"""qv-eval over two local processes (jax.distributed on loopback, records gathered through CPU collectives)
-gives the same predictions and metrics as one process."""
+"""qv-eval over two local processes (jax.distributed on loopback, records gathered through the coordination
+service) gives the same predictions and metrics as one process, also when one process finishes its shard
+long (> 30 s, past a device collective's rendezvous timeout) after the other."""
 
 import json
 import os
@@ -15,12 +16,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 SCRIPT = """
-import sys
+import sys, time
 sys.path.insert(0, "tests")
 from eval_fake import FakeModel
 from qv_jax.infer.eval import cli
-sys.exit(cli.main(sys.argv[1:], answer_fn=FakeModel()))
+
+class Slow(FakeModel):
+  def __call__(self, items):
+    time.sleep(SLOW_S)
+    return super().__call__(items)
+
+slow = "--process-id" in sys.argv and sys.argv[sys.argv.index("--process-id") + 1] == "1"
+sys.exit(cli.main(sys.argv[1:], answer_fn=Slow() if slow else FakeModel()))
 """
+SLOW_S = 40   # process 1 answers its shard (one batch) 40 s after process 0 has finished its own
 
 
 def _free_port() -> int:
@@ -33,7 +42,7 @@ def _run(args, n):
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
   cluster = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)]
-  procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, *args, "--cpu-devices", "2", "--no-progress",
+  procs = [subprocess.Popen([sys.executable, "-c", f"SLOW_S = {SLOW_S}\n" + SCRIPT, *args, "--cpu-devices", "2", "--no-progress",
                              *(cluster(i) if n > 1 else ["--distributed", "off"])],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(n)]

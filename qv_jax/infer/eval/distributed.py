@@ -3,8 +3,8 @@
 import json
 import os
 
-import numpy as np
-
+KEY = "qv_eval/records"
+CHUNK_BYTES = 1 << 20
 CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
 
 
@@ -22,21 +22,28 @@ def initialize(mode: str = "auto", coordinator: str | None = None, num_processes
     jax.distributed.initialize()
 
 
-def gather_records(records: list[dict]) -> list[dict] | None:
-  """All processes' records on process 0 (None elsewhere), through JAX collectives, so no shared disk is
-  needed. Every process must call it; it is also the end-of-answering barrier."""
+def gather_records(records: list[dict], timeout_s: float = 7 * 24 * 3600) -> list[dict] | None:
+  """All processes' records on process 0 (None elsewhere), through the jax.distributed coordination
+  service's key-value store, so no shared disk is needed. Every process must call it; it is also the
+  end-of-answering barrier. Not a device collective: those give up when processes arrive more than ~30 s
+  apart (gloo's rendezvous), and shards of a real benchmark finish minutes apart; this waits `timeout_s`."""
   import jax
-  from jax.experimental import multihost_utils
+  from jax._src import distributed as jax_distributed
   if jax.process_count() == 1:
     return records
-  payload = np.frombuffer(json.dumps(records).encode(), dtype=np.uint8)
-  sizes = multihost_utils.process_allgather(np.array([payload.size], np.int64))
-  padded = np.zeros(int(sizes.max()), np.uint8)
-  padded[:payload.size] = payload
-  chunks = multihost_utils.process_allgather(padded)
-  if jax.process_index() != 0:
-    return None
-  out = []
-  for size, chunk in zip(sizes.reshape(-1), chunks.reshape(len(sizes.reshape(-1)), -1)):
-    out.extend(json.loads(chunk[:int(size)].tobytes()))
+  client = jax_distributed.global_state.client
+  me, timeout_ms = jax.process_index(), int(timeout_s * 1000)
+  payload = json.dumps(records).encode()
+  chunks = [payload[k:k + CHUNK_BYTES] for k in range(0, len(payload), CHUNK_BYTES)]
+  for k, chunk in enumerate(chunks):
+    client.key_value_set_bytes(f"{KEY}/{me}/{k}", chunk)
+  client.key_value_set(f"{KEY}/{me}/chunks", str(len(chunks)))
+  out = None
+  if me == 0:
+    out = list(records)
+    for other in range(1, jax.process_count()):
+      count = int(client.blocking_key_value_get(f"{KEY}/{other}/chunks", timeout_ms))
+      data = b"".join(client.blocking_key_value_get_bytes(f"{KEY}/{other}/{k}", timeout_ms) for k in range(count))
+      out.extend(json.loads(data))
+  client.wait_at_barrier(f"{KEY}/gathered", timeout_ms)
   return out
