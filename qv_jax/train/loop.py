@@ -147,11 +147,9 @@ def loader_counts(it) -> dict[str, float]:
 
 
 def _restore_or_init(config, mesh, rules, checkpointer: ckpt.Checkpointer, data_iter):
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, spec = _restore(config, mesh, rules, checkpointer, latest, data_iter)
-    log.info("resumed from %s at step %d", checkpointer.directory, latest)
-    return state, spec
+  resumed = _restore(config, mesh, rules, checkpointer, data_iter)
+  if resumed is not None:
+    return resumed
   init_from = config.train.init_from
   if init_from and ckpt.is_converted(init_from):
     # A converted release (qv-convert): its params replace the fresh ones, the rest stays new.
@@ -166,15 +164,22 @@ def _restore_or_init(config, mesh, rules, checkpointer: ckpt.Checkpointer, data_
   return create_train_state(config, mesh, rules)
 
 
-def _restore(config, mesh, rules, checkpointer, step, data_iter):
+def _restore(config, mesh, rules, checkpointer, data_iter):
+  """The newest intact checkpoint of the work directory as (state, spec), or None when there is none."""
+  if checkpointer.latest_step() is None:
+    return None
   abstract, spec = train_state_spec(config, mesh, rules)
   abs_meta = {"step": abstract.step, "rng": abstract.rng}
-  params, opt_state, meta, data_state = checkpointer.restore(
-      step, params=merge_trees(abstract.params, abstract.frozen), opt_state=abstract.opt_state,
+  found = checkpointer.restore_latest(
+      params=merge_trees(abstract.params, abstract.frozen), opt_state=abstract.opt_state,
       meta=abs_meta, model_size=config.model.size)
+  if found is None:
+    return None
+  step, (params, opt_state, meta, data_state) = found
   trainable, frozen = split_tree(params, abstract.params)
   if data_iter is not None and data_state is not None:
     data_iter.set_state(data_state)
+  log.info("resumed from %s at step %d", checkpointer.directory, step)
   return TrainState(step=meta["step"], params=trainable, frozen=frozen, opt_state=opt_state,
                     rng=meta["rng"]), spec
 
