@@ -42,6 +42,7 @@ def train_defaults(stage: int) -> ml_collections.ConfigDict:
       init_from="",                # previous stage's checkpoint directory (a workdir or a step directory)
       checkpoint_every=500,
       keep_checkpoints=3,
+      allow_config_change=(),      # resume despite these changed fields/sections ("all"); see config_change.py
       async_checkpointing=True,
       stop_at=0,                   # > 0: save and stop after this many steps (a clean interruption)
       log_every=10,
@@ -67,6 +68,8 @@ def validate_train(t) -> None:
   require(t.log_every >= 1, f"{f}.log_every", f"must be >= 1, got {t.log_every}")
   require(t.ce_chunk >= 1, f"{f}.ce_chunk", f"must be >= 1, got {t.ce_chunk}")
   require(t.stop_at >= 0, f"{f}.stop_at", f"must be >= 0, got {t.stop_at}")
+  require(all(isinstance(a, str) for a in t.allow_config_change), f"{f}.allow_config_change",
+          f"expected field names, got {tuple(t.allow_config_change)!r}")
   bad = [g for g in t.trainable_override if g not in PARAM_GROUPS]
   require(not bad, f"{f}.trainable_override", f"unknown groups {bad}; expected some of {PARAM_GROUPS}")
 

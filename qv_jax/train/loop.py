@@ -30,6 +30,7 @@ from qv_jax.config import require, validate
 from qv_jax.config.train import validate_train_against
 from qv_jax.sharding import axis_rules, data_sharding, make_mesh
 from qv_jax.train import checkpoint as ckpt
+from qv_jax.train.config_change import check_resume_config, write_config
 from qv_jax.train.flops import matmul_flops
 from qv_jax.train.metrics import MetricsWriter, StepTimer, compiled_flops
 from qv_jax.train.state import (TrainState, create_train_state, full_params, merge_trees, split_tree,
@@ -192,16 +193,21 @@ def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = N
   (default: all); `on_step(step, host_metrics)` is called after every step."""
   workdir = workdir or config.train.workdir
   require(bool(workdir), "train.workdir", "a work directory is required")
+  require(not os.path.exists(workdir) or os.path.isdir(workdir), "train.workdir",
+          f"{workdir} exists and is not a directory")
+  validate(config)                       # before the mesh: mesh.data=0 is a config error, not a device count
   mesh = make_mesh(config.mesh, devices)
   check_config(config, mesh)
   rules = config.sharding_rules
   t = config.train
+  saved_steps = ckpt.saved_step_dirs(workdir)
+  resumed_step = saved_steps[-1] if saved_steps else None
+  check_resume_config(config, workdir, resumed_step)
   os.makedirs(workdir, exist_ok=True)
   if t.compilation_cache_dir:
     enable_compilation_cache(t.compilation_cache_dir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    write_config(config, workdir, resumed_step)
   data_iter = data if data is not None else make_data(config)
   checkpointer = ckpt.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
   stop = _Stop(handle_sigint)
