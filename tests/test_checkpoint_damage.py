@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from qv_jax.train import checkpoint as ckpt
-from qv_jax.train.checkpoint_integrity import CHECKSUM_FILE
+from qv_jax.train import checkpoint_integrity as integrity
 
 
 def _tree(seed: float):
@@ -62,7 +62,7 @@ def _flip_byte(path, offset=-9):
 def test_intact_checkpoints_get_checksums_and_restore(tmp_path):
   root = _write(tmp_path, async_save=True)
   for s in (2, 4):
-    recorded = json.loads(open(os.path.join(root, str(s), CHECKSUM_FILE)).read())["files"]
+    recorded = integrity.read_checksums(os.path.join(root, str(s)))
     assert any(k.startswith("params/") for k in recorded) and "data/process_0-of-1.json" in recorded
   step, (params, opt, meta, data) = _restore(tmp_path)
   assert step == 4 and data == {"next": 4} and float(params["head"][0]) == 4.0
@@ -106,7 +106,7 @@ def test_each_damage_is_named_and_skipped(tmp_path, caplog, case, checksums):
   root = _write(tmp_path)
   if not checksums:                      # a checkpoint from before checksums, or killed while hashing
     for s in (2, 4):
-      os.remove(os.path.join(root, str(s), CHECKSUM_FILE))
+      __import__("shutil").rmtree(os.path.join(root, str(s), integrity.CHECKSUM_DIR))
   damage(os.path.join(root, "4"))
   with caplog.at_level(logging.WARNING):
     step, restored = _restore(tmp_path)
@@ -146,3 +146,22 @@ def test_shape_report_names_the_parts(tmp_path):
   with pytest.raises(ckpt.CheckpointError) as e:
     ckpt.check_params_match("ck", saved, want)
   assert "in enc, head:" in str(e.value) and "missing head (2, 3)" in str(e.value)
+
+
+def test_checksums_split_over_processes(tmp_path):
+  root = _write(tmp_path, steps=(2,))
+  step_dir = os.path.join(root, "2")
+  whole = integrity.read_checksums(step_dir)
+  __import__("shutil").rmtree(os.path.join(step_dir, integrity.CHECKSUM_DIR))
+  integrity.write_checksums(step_dir, (1, 3))
+  assert integrity.read_checksums(step_dir) is None          # parts 0 and 2 missing: unverified
+  integrity.write_checksums(step_dir, (0, 3))
+  integrity.write_checksums(step_dir, (2, 3))
+  assert integrity.read_checksums(step_dir) == whole
+  _flip_byte(_largest(os.path.join(step_dir, "opt_state")))
+  found = [p for i in range(3) for p in integrity.content_problems(step_dir, whole, (i, 3))]
+  assert len(found) == 1 and found[0].startswith("opt_state/d/") and "checksum mismatch" in found[0]
+  with open(os.path.join(step_dir, integrity.CHECKSUM_DIR, "part-1-of-3.json"), "w") as f:
+    f.write("[1, 2")
+  with pytest.raises(ValueError, match="part-1-of-3.json is unreadable"):
+    integrity.read_checksums(step_dir)

@@ -1,7 +1,7 @@
 """Checkpoints (orbax): params (the whole model, one pure dict), optimizer state, step, RNG and each
 process's data-iterator state; async saves, keep-N, resume from the latest step of a work directory.
 
-Layout: `WORKDIR/checkpoints/<step>/{params,opt_state,meta,data,qv_checksums.json}`;
+Layout: `WORKDIR/checkpoints/<step>/{params,opt_state,meta,data,qv_checksums}`;
 `data/process_<i>-of-<n>.json` holds the loader state of process i; a damaged step found at resume is
 renamed `<step>.damaged` and the newest intact one is used (see docs/checkpoints.md). `meta` holds 0-d jax arrays (orbax cannot restore NumPy scalars) and the
 model's param shapes are checked against a checkpoint before anything is restored.
@@ -148,7 +148,7 @@ class Checkpointer:
                               meta=ocp.args.StandardSave(meta), data=DataStateSave(data_state))
     saved = self.manager.save(int(step), args=args, force=force)
     self._last_issued = int(step)
-    if saved and jax.process_index() == 0:
+    if saved:
       t = threading.Thread(target=self._checksum_when_final, args=(int(step),), name=f"qv-checksum-{step}",
                            daemon=True)
       t.start()
@@ -162,7 +162,7 @@ class Checkpointer:
     path = self.step_dir(step)
     try:
       if os.path.isdir(path):
-        integrity.write_checksums(path)
+        integrity.write_checksums(path, (jax.process_index(), jax.process_count()))
     except OSError as e:       # deleted by keep-N meanwhile, or a full disk: the step stays unverified
       log.warning("could not record checksums of checkpoint %s: %s", path, e)
 
