@@ -4,6 +4,7 @@ file of the step, extrapolated per byte to the released model.
 
   python benchmarks/checkpoint.py                      # 5e8 fp32 params (2 GB)
   python benchmarks/checkpoint.py --params 1e8 --repeats 1
+  python benchmarks/checkpoint.py --quick               # 1e7 params
 
 Prints one JSON line: bytes written, seconds for the orbax save (blocking call + background write), the
 checksum recording, the orbax restore and the verification, their ratios and GB/s, and the same seconds
@@ -99,8 +100,11 @@ def main() -> None:
   p.add_argument("--params", type=float, default=5e8)
   p.add_argument("--arrays", type=int, default=16)
   p.add_argument("--repeats", type=int, default=2)
+  p.add_argument("--quick", action="store_true", help="1e7 params, one repeat")
   p.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
   a = p.parse_args()
+  if a.quick:
+    a.params, a.repeats = 1e7, 1
   root = a.dir or tempfile.mkdtemp(prefix="qv_ckpt_bench_")
   try:
     print(json.dumps(run(a.params, a.arrays, a.repeats, root)), flush=True)
