@@ -25,12 +25,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qv_jax.train import checkpoint as ckpt            # noqa: E402
-from qv_jax.train import checkpoint_integrity as integrity   # noqa: E402
 
 RELEASED_BYTES = 8.3e9 * 4 * 3
 

@@ -2,7 +2,6 @@
 missing or garbled item, each reported in one line naming the checkpoint and what is wrong; the run
 resumes from the newest intact step (the damaged one kept as `<step>.damaged`), or stops when none is."""
 
-import json
 import logging
 import os
 
@@ -106,7 +105,7 @@ def test_each_damage_is_named_and_skipped(tmp_path, caplog, case, checksums):
   root = _write(tmp_path)
   if not checksums:                      # a checkpoint from before checksums, or killed while hashing
     for s in (2, 4):
-      __import__("shutil").rmtree(os.path.join(root, str(s), integrity.CHECKSUM_DIR))
+      os.remove(os.path.join(root, str(s), f"{integrity.CHECKSUM_PREFIX}0-of-1.json"))
   damage(os.path.join(root, "4"))
   with caplog.at_level(logging.WARNING):
     step, restored = _restore(tmp_path)
@@ -152,7 +151,7 @@ def test_checksums_split_over_processes(tmp_path):
   root = _write(tmp_path, steps=(2,))
   step_dir = os.path.join(root, "2")
   whole = integrity.read_checksums(step_dir)
-  __import__("shutil").rmtree(os.path.join(step_dir, integrity.CHECKSUM_DIR))
+  os.remove(os.path.join(step_dir, f"{integrity.CHECKSUM_PREFIX}0-of-1.json"))
   integrity.write_checksums(step_dir, (1, 3))
   assert integrity.read_checksums(step_dir) is None          # parts 0 and 2 missing: unverified
   integrity.write_checksums(step_dir, (0, 3))
@@ -161,7 +160,7 @@ def test_checksums_split_over_processes(tmp_path):
   _flip_byte(_largest(os.path.join(step_dir, "opt_state")))
   found = [p for i in range(3) for p in integrity.content_problems(step_dir, whole, (i, 3))]
   assert len(found) == 1 and found[0].startswith("opt_state/d/") and "checksum mismatch" in found[0]
-  with open(os.path.join(step_dir, integrity.CHECKSUM_DIR, "part-1-of-3.json"), "w") as f:
+  with open(os.path.join(step_dir, f"{integrity.CHECKSUM_PREFIX}1-of-3.json"), "w") as f:
     f.write("[1, 2")
-  with pytest.raises(ValueError, match="part-1-of-3.json is unreadable"):
+  with pytest.raises(ValueError, match="qv_checksums-1-of-3.json is unreadable"):
     integrity.read_checksums(step_dir)

@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 
 from qv_jax.batch import MODALITY_VIDEO
-from qv_jax.model.quicksviewer import Quicksviewer
 from qv_jax.train.loss import cubing_aux_per_sample
 from qv_jax.train.synthetic_batches import SyntheticBatches
 from test_train_step import run_steps

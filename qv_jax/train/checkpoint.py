@@ -1,7 +1,7 @@
 """Checkpoints (orbax): params (the whole model, one pure dict), optimizer state, step, RNG and each
 process's data-iterator state; async saves, keep-N, resume from the latest step of a work directory.
 
-Layout: `WORKDIR/checkpoints/<step>/{params,opt_state,meta,data,qv_checksums}`;
+Layout: `WORKDIR/checkpoints/<step>/{params,opt_state,meta,data,qv_checksums-<i>-of-<n>.json}`;
 `data/process_<i>-of-<n>.json` holds the loader state of process i; a damaged step found at resume is
 renamed `<step>.damaged` and the newest intact one is used (see docs/checkpoints.md). `meta` holds 0-d jax arrays (orbax cannot restore NumPy scalars) and the
 model's param shapes are checked against a checkpoint before anything is restored.
@@ -179,13 +179,14 @@ class Checkpointer:
     try:
       recorded = integrity.read_checksums(path)
     except ValueError as e:
-      return problems + [str(e)]
-    if recorded is None:
+      problems.append(str(e))
+      recorded = {}
+    if recorded is None and not problems:
       log.warning("checkpoint %s has no checksums (written before they existed, or the run stopped while "
                   "they were computed): restoring it unverified", path)
-    else:
+    elif recorded and not problems:
       problems += integrity.content_problems(path, recorded, (jax.process_index(), jax.process_count()))
-    if jax.process_count() > 1:
+    if jax.process_count() > 1:               # every process must reach the same decision
       counts = multihost_utils.process_allgather(np.asarray(len(problems), np.int32))
       if not problems and np.any(counts):
         problems = [f"damaged files found by processes {np.flatnonzero(counts).tolist()} (see their logs)"]

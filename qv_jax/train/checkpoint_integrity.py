@@ -1,8 +1,8 @@
 """Damage detection for checkpoint step directories.
 
 After orbax finalises a step, every process records the size and CRC-32 of its share of the files under
-it (every n-th of the sorted list) in `<step>/qv_checksums/part-<i>-of-<n>.json`, on a background thread,
-files hashed in parallel (zlib releases the GIL).
+it (every n-th of the sorted list) in `<step>/qv_checksums-<i>-of-<n>.json` (files, not a directory:
+orbax takes directories for items), on a background thread, files hashed in parallel (zlib releases the GIL).
 Before a restore, `step_problems` re-hashes the files (each process its share) and also checks what
 orbax needs but cannot explain when absent or unreadable: the items' `_METADATA`, this process's data-
 iterator JSON. CRC-32 finds any flipped byte, truncation or deletion; it is not a defence against a
@@ -17,10 +17,10 @@ import os
 import re
 import zlib
 
-CHECKSUM_DIR = "qv_checksums"
+CHECKSUM_PREFIX = "qv_checksums-"
 ARRAY_ITEMS = ("params", "opt_state", "meta")
 _CHUNK = 16 << 20
-_PART = re.compile(r"part-(\d+)-of-(\d+)\.json")
+_PART = re.compile(r"qv_checksums-(\d+)-of-(\d+)\.json")
 
 
 def file_crc32(path: str) -> tuple[int, int]:
@@ -38,7 +38,7 @@ def _files(step_dir: str) -> list[str]:
   for root, _, names in os.walk(step_dir):
     for n in names:
       rel = os.path.relpath(os.path.join(root, n), step_dir)
-      if not rel.startswith(CHECKSUM_DIR + os.sep):
+      if not rel.startswith(CHECKSUM_PREFIX):
         out.append(rel)
   return sorted(out)
 
@@ -63,9 +63,7 @@ def write_checksums(step_dir: str, share: tuple[int, int] = (0, 1)) -> None:
   sums = _hash_all(step_dir, _files(step_dir)[index::count], _threads())
   record = {"version": 1, "algorithm": "crc32",
             "files": {rel: list(v) for rel, v in sums.items() if v is not None}}
-  out_dir = os.path.join(step_dir, CHECKSUM_DIR)
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"part-{index}-of-{count}.json")
+  path = os.path.join(step_dir, f"{CHECKSUM_PREFIX}{index}-of-{count}.json")
   with open(path + ".tmp", "w") as f:
     json.dump(record, f)
   os.replace(path + ".tmp", path)
@@ -74,9 +72,7 @@ def write_checksums(step_dir: str, share: tuple[int, int] = (0, 1)) -> None:
 def read_checksums(step_dir: str) -> dict[str, tuple[int, int]] | None:
   """The recorded {file: (size, crc)}; None when the step has none or not all parts (a run stopped while
   hashing); raises ValueError when a part is unreadable."""
-  out_dir = os.path.join(step_dir, CHECKSUM_DIR)
-  parts = [m for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
-           if (m := _PART.fullmatch(n))]
+  parts = [m for n in (os.listdir(step_dir) if os.path.isdir(step_dir) else []) if (m := _PART.fullmatch(n))]
   names = sorted(m.group(0) for m in parts)
   counts = {int(m.group(2)) for m in parts}
   if not parts or len(counts) != 1 or len(parts) != counts.pop():
@@ -84,11 +80,11 @@ def read_checksums(step_dir: str) -> dict[str, tuple[int, int]] | None:
   files = {}
   for n in names:
     try:
-      with open(os.path.join(out_dir, n)) as f:
+      with open(os.path.join(step_dir, n)) as f:
         record = json.load(f)
       files.update({str(k): (int(v[0]), int(v[1])) for k, v in record["files"].items()})
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{CHECKSUM_DIR}/{n} is unreadable ({type(e).__name__})") from None
+      raise ValueError(f"{n} is unreadable ({type(e).__name__})") from None
   return files
 
 
