@@ -164,3 +164,12 @@ def test_checksums_split_over_processes(tmp_path):
     f.write("[1, 2")
   with pytest.raises(ValueError, match="qv_checksums-1-of-3.json is unreadable"):
     integrity.read_checksums(step_dir)
+
+
+def test_init_from_a_damaged_step_is_refused(tmp_path):
+  root = _write(tmp_path, steps=(2,))
+  abstract = _abstract()["params"]
+  assert float(ckpt.load_params(str(tmp_path), abstract)["head"][0]) == 2.0
+  _flip_byte(_largest(os.path.join(root, "2", "params")))
+  with pytest.raises(ckpt.CheckpointError, match=r"init_from: checkpoint .*/2 is damaged: params/d/.*checksum"):
+    ckpt.load_params(str(tmp_path), abstract)

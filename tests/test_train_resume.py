@@ -142,3 +142,12 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one_once_in_the_met
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
   assert {r["step"]: r["loss"] for r in records} == full.losses
   assert sorted(_tensorboard_scalar_steps(tmp_path / "split" / "tensorboard")) == [1, 2, 3, 4, 5]
+
+
+def test_trim_records_keeps_other_stages_and_drops_torn_lines(tmp_path):
+  from qv_jax.train.metrics import trim_records
+  path = tmp_path / "metrics.jsonl"
+  lines = [{"step": 1, "stage": 2}, {"step": 5, "stage": 1}, {"step": 2, "stage": 2}, {"step": 3, "stage": 2}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "sta')
+  assert trim_records(str(path), 2, stage=2) == 2
+  assert read_metrics(str(tmp_path)) == lines[:3]

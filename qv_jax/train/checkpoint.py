@@ -285,10 +285,24 @@ def resolve_params_dir(path: str) -> epath.Path:
                         f"a step directory or a params directory)")
 
 
+def _check_params_checksums(params_dir: epath.Path) -> None:
+  """Raises CheckpointError when the params of a checksummed step directory are damaged."""
+  step_dir = os.fspath(params_dir.parent)
+  try:
+    recorded = integrity.read_checksums(step_dir)
+  except ValueError as e:
+    raise CheckpointError(f"train.init_from: checkpoint {step_dir}: {e}") from None
+  params = {k: v for k, v in (recorded or {}).items() if k.startswith(params_dir.name + "/")}
+  problems = integrity.content_problems(step_dir, params) if params else []
+  if problems:
+    raise CheckpointError(f"train.init_from: checkpoint {step_dir} is damaged: " + "; ".join(problems[:4]))
+
+
 def load_params(path: str, abstract: dict, model_size: str | None = None) -> dict:
   """Restores a whole-model param dict from a checkpoint written by this trainer into `abstract`
   (ShapeDtypeStructs with shardings), after checking every name and shape."""
   params_dir = resolve_params_dir(path)
+  _check_params_checksums(params_dir)
   handler = ocp.StandardCheckpointHandler()
   meta = handler.metadata(params_dir)
   check_params_match(params_dir, _tree_metadata(getattr(meta, "item_metadata", meta)), abstract, model_size)

@@ -49,11 +49,11 @@ class MetricsWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    trim_records(self.path, start_step)
+    trim_records(self.path, start_step, stage)
     if tensorboard:
       from tensorboardX import SummaryWriter
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                  purge_step=start_step + 1 if start_step > 0 else None)
+                                  purge_step=start_step + 1)
     if progress_bar:
       from tqdm import tqdm
       self.bar = tqdm(total=total_steps, initial=start_step, desc=f"stage {stage}" if stage else "train",
@@ -115,9 +115,10 @@ class StepTimer:
     return float(np.mean(recent)) if recent else None
 
 
-def trim_records(path: str, last_step: int) -> int:
-  """Drops the records of steps after `last_step` from a metrics.jsonl (atomically); a line that is not a
-  JSON record (a run killed mid-write) goes too. Returns the number dropped."""
+def trim_records(path: str, last_step: int, stage: int | None = None) -> int:
+  """Drops the records of steps after `last_step` (of `stage`, when given) from a metrics.jsonl,
+  atomically; a line that is not a JSON record (a run killed mid-write) goes too. Returns the number
+  dropped."""
   if not os.path.exists(path):
     return 0
   keep, dropped = [], 0
@@ -125,7 +126,8 @@ def trim_records(path: str, last_step: int) -> int:
     for line in f:
       try:
         record = json.loads(line)
-        ok = not isinstance(record.get("step"), (int, float)) or record["step"] <= last_step
+        ok = (not isinstance(record.get("step"), (int, float)) or record["step"] <= last_step or
+              (stage is not None and record.get("stage", stage) != stage))
       except (ValueError, AttributeError):
         ok = False
       if ok:
