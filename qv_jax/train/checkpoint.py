@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -22,7 +23,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
 from qv_jax.train import checkpoint_integrity as integrity
 from qv_jax.train.stages import flat_paths
@@ -187,7 +187,7 @@ class Checkpointer:
     elif recorded and not problems:
       problems += integrity.content_problems(path, recorded, (jax.process_index(), jax.process_count()))
     if jax.process_count() > 1:               # every process must reach the same decision
-      counts = multihost_utils.process_allgather(np.asarray(len(problems), np.int32))
+      counts = np.asarray(_gather_counts(f"damage_{step}", len(problems)))
       if not problems and np.any(counts):
         problems = [f"damaged files found by processes {np.flatnonzero(counts).tolist()} (see their logs)"]
     return problems
@@ -246,7 +246,7 @@ class Checkpointer:
         log.warning("checkpoint step %d is damaged: kept as %s for inspection; resuming from step %d",
                     s, dst, restored)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("qv_jax_checkpoint_set_aside")
+      _gather_counts("set_aside", 0)
     self.manager.reload()
 
   def wait(self):
@@ -258,6 +258,20 @@ class Checkpointer:
   def close(self):
     self.wait()
     self.manager.close()
+
+
+_GATHERS = itertools.count()
+
+
+def _gather_counts(tag: str, count: int, timeout_ms: int = 10 * 60 * 1000) -> list[int]:
+  """Every process's `count`, through the distributed key-value store (no device collective: processes
+  may arrive minutes apart while hashing or tracing)."""
+  client = ocp.multihost.get_jax_distributed_client()
+  key = f"qv_jax/{tag}_{next(_GATHERS)}/"
+  client.key_value_set(key + str(jax.process_index()), str(int(count)))
+  client.wait_at_barrier(key.replace("/", "_"), timeout_in_ms=timeout_ms)
+  values = {int(k.rsplit("/", 1)[-1]): int(v) for k, v in client.key_value_dir_get(key)}
+  return [values[i] for i in range(jax.process_count())]
 
 
 def _first_line(e: BaseException) -> str:
