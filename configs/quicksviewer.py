@@ -6,6 +6,8 @@ Use with ml_collections' config_flags (`--config=configs/quicksviewer.py:size=ti
 `get_config` directly; either way run `qv_jax.config.validate` before use.
 """
 
+import difflib
+
 import ml_collections
 
 from qv_jax.config.data import data_defaults
@@ -21,7 +23,9 @@ def _parse(arg: str | None) -> dict:
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if not sep or key.strip() not in out:
-      raise ConfigError("config argument", f"{item!r}; expected size=<size> and/or stage=<1|2|3>")
+      near = difflib.get_close_matches(key.strip(), list(out), n=1)
+      hint = f"did you mean {near[0]!r}? " if near else ""
+      raise ConfigError("config argument", f"{item!r}; {hint}expected size=<size> and/or stage=<1|2|3>")
     out[key.strip()] = value.strip()
   return out
 

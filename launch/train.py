@@ -10,6 +10,8 @@ generated batches (no files). Multi-host (TPU pods): every host runs the same co
 (default `auto`: on when the TPU/cluster environment says so) calls `jax.distributed.initialize()`, or give
 `--coordinator`, `--num_processes` and `--process_id` explicitly (also for CPU test clusters).
 SIGTERM (and Ctrl-C) save a checkpoint and exit cleanly. Prints a JSON summary on the last line.
+Resuming with a config that changes what is computed needs `--allow-config-change=train.learning_rate,...`.
+Bad flags, configs or inputs print one `error: ...` line and exit with status 2, before anything compiles.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (explicit clusters)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in an explicit cluster")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in an explicit cluster")
+_ALLOW_CHANGE = flags.DEFINE_list("allow-config-change", [],
+                                  "resume although these config fields/sections changed (or `all`); "
+                                  "see qv_jax/train/config_change.py")
 _PLATFORM_DEVICES = flags.DEFINE_integer("cpu_devices", None,
                                          "simulate this many CPU devices (sets XLA_FLAGS before JAX starts)")
 
@@ -60,6 +65,7 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)   # orbax's per-save INFO lines
   initialize_distributed()
   import jax
+  from data_pipeline.tfds_builder import NoRecordsError
   from qv_jax.config import ConfigError
   from qv_jax.train.loop import NonFiniteLossError, summary_json, train
 
@@ -70,9 +76,11 @@ def main(argv):
   if not workdir:
     raise app.UsageError("--workdir is required")
   config.train.workdir = workdir
+  if _ALLOW_CHANGE.value:
+    config.train.allow_config_change = tuple(_ALLOW_CHANGE.value)
   try:
     summary = train(config, workdir=workdir, handle_sigint=True)
-  except (ConfigError, NonFiniteLossError, ValueError) as e:
+  except (ConfigError, NonFiniteLossError, NoRecordsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if jax.process_index() == 0:
@@ -81,4 +89,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from qv_jax.config.cli import parse_flags_or_exit
+  app.run(main, flags_parser=parse_flags_or_exit)

@@ -59,6 +59,9 @@ def test_two_processes_train_like_one(tmp_path):
   assert sorted(os.listdir(data_dir)) == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
   states = [json.loads((data_dir / f"process_{i}-of-2.json").read_text()) for i in range(2)]
   assert states[0] == states[1] == {"json": {"next_index": 2}}
+  step_files = os.listdir(tmp_path / "pair" / "checkpoints" / "2")     # each process hashed its share
+  assert sorted(n for n in step_files if n.startswith("qv_checksums")) == ["qv_checksums-0-of-2.json",
+                                                                           "qv_checksums-1-of-2.json"]
   resumed = _launch_pair(tmp_path / "pair", steps)
   assert resumed["start_step"] == 2 and resumed["final_step"] == steps
 

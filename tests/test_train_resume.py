@@ -105,3 +105,49 @@ def test_resume_with_the_grain_loader_matches_uninterrupted(tmp_path, scene_data
   assert {**first.losses, **second.losses} == full.losses
   state = json.loads((tmp_path / "split" / "checkpoints" / "2" / "data" / "process_0-of-1.json").read_text())
   assert "pipeline" in state["json"] and "skips" in state["json"]     # the loader's own iterator state
+
+
+def _tensorboard_scalar_steps(logdir, tag="train/loss"):
+  """The steps TensorBoard shows for `tag`: events in file order, a file-version event with a step purging
+  every later-or-equal step seen before (TensorBoard's purge_step rule)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  steps = []
+  for name in sorted(os.listdir(logdir)):
+    data = open(os.path.join(logdir, name), "rb").read()
+    pos = 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      if ev.file_version and ev.step:
+        steps = [s for s in steps if s < ev.step]
+      steps += [ev.step for v in ev.summary.value if v.tag == tag]
+  return steps
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_previous_one_once_in_the_metrics(tmp_path):
+  full = _run(tmp_path / "full", total_steps=5, checkpoint_every=2)
+  first = _run(tmp_path / "split", total_steps=5, checkpoint_every=2, stop_at=3, tensorboard=True)
+  params = tmp_path / "split" / "checkpoints" / "3" / "params" / "d"
+  victim = max(params.iterdir(), key=lambda p: p.stat().st_size)
+  raw = bytearray(victim.read_bytes())
+  raw[len(raw) // 2] ^= 0x01
+  victim.write_bytes(bytes(raw))
+  second = _run(tmp_path / "split", total_steps=5, checkpoint_every=2, tensorboard=True)
+  assert second.start_step == 2 and sorted(second.losses) == [3, 4, 5]
+  assert {**first.losses, **second.losses} == full.losses
+  assert (tmp_path / "split" / "checkpoints" / "3.damaged").is_dir()
+  records = read_metrics(str(tmp_path / "split"))
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+  assert {r["step"]: r["loss"] for r in records} == full.losses
+  assert sorted(_tensorboard_scalar_steps(tmp_path / "split" / "tensorboard")) == [1, 2, 3, 4, 5]
+
+
+def test_trim_records_keeps_other_stages_and_drops_torn_lines(tmp_path):
+  from qv_jax.train.metrics import trim_records
+  path = tmp_path / "metrics.jsonl"
+  lines = [{"step": 1, "stage": 2}, {"step": 5, "stage": 1}, {"step": 2, "stage": 2}, {"step": 3, "stage": 2}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "sta')
+  assert trim_records(str(path), 2, stage=2) == 2
+  assert read_metrics(str(tmp_path)) == lines[:3]

@@ -12,6 +12,7 @@ STAGE_TRAINABLE = {
     3: ("compressor", "vision_tower", "decoder"),
 }
 STAGE_LEARNING_RATE = {1: 1e-4, 2: 1e-5, 3: 1e-5}
+AUX_NORMALIZATIONS = ("all_samples", "video_samples")
 PARAM_GROUPS = ("compressor", "embed_tokens", "lm_head", "vision_tower", "decoder")
 
 
@@ -29,6 +30,7 @@ def train_defaults(stage: int) -> ml_collections.ConfigDict:
       adam_eps=1e-8,
       weight_decay=0.0,
       aux_weight=0.001,
+      aux_normalization="all_samples",  # Σ_videos mean‖z‖ / all samples (the reference); "video_samples": / videos
       gumbel_eta_max=1.0,
       gumbel_eta_min=0.01,
       gumbel_anneal_fraction=0.6,
@@ -42,6 +44,7 @@ def train_defaults(stage: int) -> ml_collections.ConfigDict:
       init_from="",                # previous stage's checkpoint directory (a workdir or a step directory)
       checkpoint_every=500,
       keep_checkpoints=3,
+      allow_config_change=(),      # resume despite these changed fields/sections ("all"); see config_change.py
       async_checkpointing=True,
       stop_at=0,                   # > 0: save and stop after this many steps (a clean interruption)
       log_every=10,
@@ -62,11 +65,15 @@ def validate_train(t) -> None:
           f"{t.gumbel_anneal_fraction} not in (0, 1]")
   require(t.gumbel_eta_max >= t.gumbel_eta_min >= 0, f"{f}.gumbel_eta_min",
           f"need gumbel_eta_max >= gumbel_eta_min >= 0, got {t.gumbel_eta_max} and {t.gumbel_eta_min}")
+  require(t.aux_normalization in AUX_NORMALIZATIONS, f"{f}.aux_normalization",
+          f"{t.aux_normalization!r}; expected one of {AUX_NORMALIZATIONS}")
   require(t.keep_checkpoints >= 1, f"{f}.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
   require(t.checkpoint_every >= 1, f"{f}.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
   require(t.log_every >= 1, f"{f}.log_every", f"must be >= 1, got {t.log_every}")
   require(t.ce_chunk >= 1, f"{f}.ce_chunk", f"must be >= 1, got {t.ce_chunk}")
   require(t.stop_at >= 0, f"{f}.stop_at", f"must be >= 0, got {t.stop_at}")
+  require(all(isinstance(a, str) for a in t.allow_config_change), f"{f}.allow_config_change",
+          f"expected field names, got {tuple(t.allow_config_change)!r}")
   bad = [g for g in t.trainable_override if g not in PARAM_GROUPS]
   require(not bad, f"{f}.trainable_override", f"unknown groups {bad}; expected some of {PARAM_GROUPS}")
 

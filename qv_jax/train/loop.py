@@ -30,6 +30,7 @@ from qv_jax.config import require, validate
 from qv_jax.config.train import validate_train_against
 from qv_jax.sharding import axis_rules, data_sharding, make_mesh
 from qv_jax.train import checkpoint as ckpt
+from qv_jax.train.config_change import check_resume_config, write_config
 from qv_jax.train.flops import matmul_flops
 from qv_jax.train.metrics import MetricsWriter, StepTimer, compiled_flops
 from qv_jax.train.state import (TrainState, create_train_state, full_params, merge_trees, split_tree,
@@ -149,11 +150,9 @@ def loader_counts(it) -> dict[str, float]:
 
 
 def _restore_or_init(config, mesh, rules, checkpointer: ckpt.Checkpointer, data_iter):
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, spec = _restore(config, mesh, rules, checkpointer, latest, data_iter)
-    log.info("resumed from %s at step %d", checkpointer.directory, latest)
-    return state, spec
+  resumed = _restore(config, mesh, rules, checkpointer, data_iter)
+  if resumed is not None:
+    return resumed
   init_from = config.train.init_from
   if init_from and ckpt.is_converted(init_from):
     # A converted release (qv-convert): its params replace the fresh ones, the rest stays new.
@@ -168,15 +167,22 @@ def _restore_or_init(config, mesh, rules, checkpointer: ckpt.Checkpointer, data_
   return create_train_state(config, mesh, rules)
 
 
-def _restore(config, mesh, rules, checkpointer, step, data_iter):
+def _restore(config, mesh, rules, checkpointer, data_iter):
+  """The newest intact checkpoint of the work directory as (state, spec), or None when there is none."""
+  if checkpointer.latest_step() is None:
+    return None
   abstract, spec = train_state_spec(config, mesh, rules)
   abs_meta = {"step": abstract.step, "rng": abstract.rng}
-  params, opt_state, meta, data_state = checkpointer.restore(
-      step, params=merge_trees(abstract.params, abstract.frozen), opt_state=abstract.opt_state,
+  found = checkpointer.restore_latest(
+      params=merge_trees(abstract.params, abstract.frozen), opt_state=abstract.opt_state,
       meta=abs_meta, model_size=config.model.size)
+  if found is None:
+    return None
+  step, (params, opt_state, meta, data_state) = found
   trainable, frozen = split_tree(params, abstract.params)
   if data_iter is not None and data_state is not None:
     data_iter.set_state(data_state)
+  log.info("resumed from %s at step %d", checkpointer.directory, step)
   return TrainState(step=meta["step"], params=trainable, frozen=frozen, opt_state=opt_state,
                     rng=meta["rng"]), spec
 
@@ -189,16 +195,21 @@ def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = N
   (default: all); `on_step(step, host_metrics)` is called after every step."""
   workdir = workdir or config.train.workdir
   require(bool(workdir), "train.workdir", "a work directory is required")
+  require(not os.path.exists(workdir) or os.path.isdir(workdir), "train.workdir",
+          f"{workdir} exists and is not a directory")
+  validate(config)                       # before the mesh: mesh.data=0 is a config error, not a device count
   mesh = make_mesh(config.mesh, devices)
   check_config(config, mesh)
   rules = config.sharding_rules
   t = config.train
+  saved_steps = ckpt.saved_step_dirs(workdir)
+  resumed_step = saved_steps[-1] if saved_steps else None
+  check_resume_config(config, workdir, resumed_step)
   os.makedirs(workdir, exist_ok=True)
   if t.compilation_cache_dir:
     enable_compilation_cache(t.compilation_cache_dir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    write_config(config, workdir, resumed_step)
   data_iter = data if data is not None else make_data(config)
   checkpointer = ckpt.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
   stop = _Stop(handle_sigint)

@@ -67,8 +67,9 @@ def supervised_count(labels: jax.Array) -> jax.Array:
 
 def cubing_aux_per_sample(logits: jax.Array, logit_mask: jax.Array, is_video: jax.Array) -> jax.Array:
   """Per sample, the mean over its valid rows of ‖z‖₂ (0 for image samples). logits [B, F-1, 2];
-  logit_mask [B, F-1]; is_video [B]. The step averages it over the video samples of the whole batch: the
-  reference's per-device mean with one sample per device, averaged by data parallelism."""
+  logit_mask [B, F-1]; is_video [B]. The step sums it over the batch and divides by all its samples (the
+  reference's per-device mean with one sample per device, averaged over devices by data parallelism), or
+  by its video samples with train.aux_normalization="video_samples"."""
   rows = logit_mask & is_video[:, None]
   norms = jnp.sqrt(jnp.sum(jnp.square(logits.astype(jnp.float32)), axis=-1) + 1e-12)
   per_sample = jnp.where(rows, norms, 0.0).sum(-1) / jnp.maximum(rows.sum(-1), 1)

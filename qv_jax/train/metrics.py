@@ -5,6 +5,9 @@ device (`tflops_per_device`: the step's matmul FLOPs counted on its jaxpr with s
 flops.py, / devices / step time; `xla_tflops_per_device`: XLA's cost analysis of the compiled per-device
 program / step time, which counts each loop body once and so undercounts scanned layers), token counts,
 the loader's skip counts, and the cube-length histogram accumulated since the last log.
+
+On resume at step S the records of steps > S (redone from the checkpoint) are dropped from
+metrics.jsonl, and TensorBoard is told to purge its events from step S + 1 on, so every step appears once.
 """
 
 from __future__ import annotations
@@ -46,9 +49,11 @@ class MetricsWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    trim_records(self.path, start_step, stage)
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                  purge_step=start_step + 1)
     if progress_bar:
       from tqdm import tqdm
       self.bar = tqdm(total=total_steps, initial=start_step, desc=f"stage {stage}" if stage else "train",
@@ -108,6 +113,32 @@ class StepTimer:
   def mean_recent(self, n: int) -> float | None:
     recent = self.times[-n:]
     return float(np.mean(recent)) if recent else None
+
+
+def trim_records(path: str, last_step: int, stage: int | None = None) -> int:
+  """Drops the records of steps after `last_step` (of `stage`, when given) from a metrics.jsonl,
+  atomically; a line that is not a JSON record (a run killed mid-write) goes too. Returns the number
+  dropped."""
+  if not os.path.exists(path):
+    return 0
+  keep, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+        ok = (not isinstance(record.get("step"), (int, float)) or record["step"] <= last_step or
+              (stage is not None and record.get("stage", stage) != stage))
+      except (ValueError, AttributeError):
+        ok = False
+      if ok:
+        keep.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += bool(line.strip())
+  if dropped:
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+  return dropped
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -3,8 +3,11 @@ parameters with gradient accumulation, one optimizer update. A pure function of 
 
 Loss = Σ CE over the whole step's supervised tokens / their count (a global token mean across the batch,
 the devices and the accumulation micro-batches; in packed rows (qv_jax/batch.py) the same mean over every
-packed sample's tokens, CE also reported per sample) + aux_weight · the mean over the step's video samples of
-each sample's mean‖z‖₂ (what the reference's per-device mean gives with one sample per device).
+packed sample's tokens, CE also reported per sample) + aux_weight · Σ over the step's video samples of each
+sample's mean‖z‖₂ / (all samples of the step; empty slots of packed rows are not samples): the reference's
+effective weight, whose per-device term (one sample per device) is 0 on image-only devices and is averaged over
+all devices by data parallelism. `train.aux_normalization="video_samples"` divides by the number of video
+samples instead. The `aux` metric is the term as it enters the loss, without aux_weight.
 The count is taken from the pre-merge labels (equal to the merged one unless a sequence was truncated at
 data.max_seq_len; truncations are reported as a metric). Micro-batch i takes samples i, i+A, i+2A, ...
 so every device holds a share of each micro-batch.
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from qv_jax.batch import MODALITY_VIDEO, is_packed
+from qv_jax.batch import MODALITY_EMPTY, MODALITY_VIDEO, is_packed
 from qv_jax.sharding import constrain
 from qv_jax.train.loss import chunked_cross_entropy, cubing_aux_per_sample, supervised_count
 from qv_jax.train.schedules import learning_rate_schedule, noise_weight
@@ -54,12 +57,13 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation):
   t = config.train
   accum = int(t.grad_accum)
   aux_weight = float(t.aux_weight)
+  aux_over_videos = t.aux_normalization == "video_samples"
   encode_images = bool(t.encode_images)
   lr_schedule = learning_rate_schedule(t)
   max_frames = max(int(f) for f in config.data.frame_buckets)
   max_seq_len = int(config.data.max_seq_len)
 
-  def micro_loss(params, frozen, micro, key, eta, denom, videos):
+  def micro_loss(params, frozen, micro, key, eta, denom, aux_denom):
     model = nnx.merge(graphdef, params, frozen)
     out = model(micro, key=key, noise_weight=eta, encode_images=encode_images)
     packed = is_packed(micro)
@@ -70,7 +74,7 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation):
     modality, num_frames = micro["modality"].reshape(-1), micro["num_frames"].reshape(-1)
     is_video = modality == MODALITY_VIDEO
     aux = cubing_aux_per_sample(out.cubes.logits, out.cubes.logit_mask, is_video)
-    loss = ce_sum.sum() / denom + aux_weight * aux.sum() / videos
+    loss = ce_sum.sum() / denom + aux_weight * aux.sum() / aux_denom
     cubes = out.cubes
     stats = dict(
         ce_sum=ce_sum, count=count, aux=aux.reshape(micro["modality"].shape),
@@ -84,17 +88,20 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation):
     key = jax.random.fold_in(state.rng, state.step)
     eta = noise_weight(state.step, t)
     denom = jnp.maximum(supervised_count(batch["labels"]).sum(), 1.0)
-    videos = jnp.maximum((batch["modality"] == MODALITY_VIDEO).sum(), 1).astype(jnp.float32)   # [B] or [R, P]
+    if aux_over_videos:
+      aux_denom = jnp.maximum((batch["modality"] == MODALITY_VIDEO).sum(), 1).astype(jnp.float32)
+    else:
+      aux_denom = jnp.maximum((batch["modality"] != MODALITY_EMPTY).sum(), 1).astype(jnp.float32)
     keys = ("ce_sum", "count", "merged_tokens", "truncated", "aux")
     if accum == 1:
-      (loss, stats), grads = grad_fn(state.params, state.frozen, batch, key, eta, denom, videos)
+      (loss, stats), grads = grad_fn(state.params, state.frozen, batch, key, eta, denom, aux_denom)
       per_sample = {k: stats[k] for k in keys}
       cube_hist = stats["cube_hist"]
     else:
       micro = _microbatches(batch, accum)
 
       def body(acc, mb):
-        (loss_i, stats_i), g = grad_fn(state.params, state.frozen, mb, key, eta, denom, videos)
+        (loss_i, stats_i), g = grad_fn(state.params, state.frozen, mb, key, eta, denom, aux_denom)
         acc = jax.tree.map(jnp.add, acc, (g, loss_i))
         return acc, stats_i
 
@@ -109,7 +116,7 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation):
     merged_tokens = per_sample["merged_tokens"].sum()
     decoder_slots = batch["segment_ids"].size if is_packed(batch) else batch["input_ids"].shape[0] * max_seq_len
     metrics = dict(
-        loss=loss, ce=per_sample["ce_sum"].sum() / denom, aux=per_sample["aux"].sum() / videos, eta=eta,
+        loss=loss, ce=per_sample["ce_sum"].sum() / denom, aux=per_sample["aux"].sum() / aux_denom, eta=eta,
         learning_rate=lr_schedule(state.step), grad_norm=grad_norm,
         supervised_tokens=per_sample["count"].sum(), merged_tokens=merged_tokens,
         padding_fraction=1.0 - merged_tokens / decoder_slots,
