@@ -14,7 +14,10 @@ from flax import nnx
 
 from qv_jax.batch import MODALITY_VIDEO
 from qv_jax.model import assembly
-from qv_jax.model.compressor import Compressor, CompressorOutput
+from qv_jax.model.compressor import CompressorOutput
+from qv_jax.model.compressors.base import CompressorInputs
+from qv_jax.model.compressors.compact import compact_plan
+from qv_jax.model.compressors.registry import build_compressor
 from qv_jax.model.decoder import Decoder
 from qv_jax.model.vision_tower import SiglipVisionTower
 from qv_jax.sharding import constrain
@@ -34,7 +37,7 @@ class Quicksviewer(nnx.Module):
   def __init__(self, config, *, rngs: nnx.Rngs):
     self.max_seq_len = int(config.data.max_seq_len)
     self.vision_tower = SiglipVisionTower(config.model, rngs=rngs)
-    self.compressor = Compressor(config.model, rngs=rngs)
+    self.compressor = build_compressor(config.model, rngs=rngs)
     self.decoder = Decoder(config.model, rngs=rngs)
 
   def frame_features(self, frames: jax.Array) -> jax.Array:
@@ -44,24 +47,45 @@ class Quicksviewer(nnx.Module):
 
   def prepare_inputs(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True
                      ) -> tuple[assembly.Assembled, CompressorOutput]:
-    """Vision, cubing, resampling and assembly: the decoder's merged inputs [B, max_seq_len, D]."""
+    """Vision, compression and assembly: the decoder's merged inputs [B, max_seq_len, D]."""
     features = self.frame_features(batch["frames"])
+    cubes = self.compressor.encode(self.compressor_inputs(batch, features, key=key, noise_weight=noise_weight))
+    return self.assemble_inputs(batch, features, cubes, encode_images=encode_images), cubes
+
+  def compressor_inputs(self, batch: dict, features, *, key, noise_weight) -> CompressorInputs:
+    """The registry contract's inputs (the question span and the attention scorer where the kind needs
+    them)."""
     is_video = batch["modality"] == MODALITY_VIDEO
-    # Image samples pass through the cubing path too (static shapes); their outputs are never read.
+    # Image samples pass through the video path too (static shapes); their outputs are never read.
     cube_frames = jnp.where(is_video, batch["num_frames"], jnp.maximum(batch["num_frames"], 2))
-    cubes = self.compressor(features, cube_frames.astype(jnp.int32), key=key, noise_weight=noise_weight,
-                            sample_ids=batch["sample_id"])
+    inputs = CompressorInputs(features, cube_frames.astype(jnp.int32), key=key, noise_weight=noise_weight,
+                              sample_ids=batch["sample_id"])
+    if self.compressor.needs_question:
+      from qv_jax.model.compressors import question_select
+      inputs.question, inputs.scorer = question_select.question_context(self.decoder, batch,
+                                                                         self.compressor)
+    return inputs
+
+  def assemble_inputs(self, batch: dict, features, cubes: CompressorOutput, *, encode_images: bool = True
+                      ) -> assembly.Assembled:
+    """The merged sequence of a compressor output (kept tokens only where it has a token mask)."""
     image_tokens = self.compressor.encode_images(features) if encode_images else None
     text_embeds = self.decoder.embed(jnp.maximum(batch["input_ids"], 0))
     _, kmax, q, _ = cubes.cube_tokens.shape
+    sizes = dict(thumb_len=cubes.thumbnail.shape[1], cube_len=q, num_cube_slots=kmax,
+                 image_len=q if image_tokens is None else image_tokens.shape[2],
+                 num_image_slots=features.shape[1])
+    length = self.max_seq_len
+    if cubes.token_mask is not None:
+      length = assembly.merged_length_bound(batch["input_ids"].shape[1], **sizes)
     plan = assembly.plan_sequence(
         batch["input_ids"], batch["token_frame"], batch["token_valid"], batch["modality"], cubes.boundary,
-        cubes.cube_ids, thumb_len=cubes.thumbnail.shape[1], cube_len=q, num_cube_slots=kmax,
-        image_len=q if image_tokens is None else image_tokens.shape[2],
-        num_image_slots=features.shape[1], max_seq_len=self.max_seq_len)
-    merged = assembly.assemble(plan, text_embeds, cubes.thumbnail, cubes.cube_tokens, image_tokens,
-                               batch["labels"])
-    return merged, cubes
+        cubes.cube_ids, max_seq_len=length, **sizes)
+    if cubes.token_mask is not None:
+      plan = compact_plan(plan, cubes.token_mask, cube_base=batch["input_ids"].shape[1] + sizes["thumb_len"],
+                          max_seq_len=self.max_seq_len)
+    return assembly.assemble(plan, text_embeds, cubes.thumbnail, cubes.cube_tokens, image_tokens,
+                             batch["labels"])
 
   def __call__(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True
                ) -> ModelOutput:
