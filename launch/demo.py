@@ -8,8 +8,9 @@ Phases (each reuses its output when it exists, so a rerun resumes): 1. encode `-
 2. a tiny BPE tokenizer; 3. the TFDS ArrayRecord dataset (train + validation); 4. stages 1, 2, 3 with
 `launch`'s trainer, each starting from the previous stage's checkpoint; 5. on the held-out videos: the
 learned partition (η = 0) and the uniform one against the true cuts (precision / recall of the inner
-boundaries, a match within ±1 frame, and exact), and greedy captions; 6. `boundaries.png`, `loss.png` and
-`summary.json` in `--out`.
+boundaries, a match within ±1 frame, and exact) and the greedy answers to the training question, all through
+the inference API (`qv_jax.infer`), with the answers' accuracy; 6. `boundaries.png`, `loss.png`,
+`summary.json` and the cube timelines of three held-out videos (`timelines/<id>/timeline.png`) in `--out`.
 """
 
 from __future__ import annotations
@@ -166,6 +167,13 @@ def plot_losses(workdirs: list[str], path: str) -> None:
   plt.close(fig)
 
 
+def answer_summary(result: dict) -> dict:
+  """The held-out videos asked the training question through `qv_jax.infer.answer_batch`: accuracy of
+  the answers (exact caption, per scene) beside the boundary scores; videos that failed are counted."""
+  from data_pipeline.synthetic import QUESTION
+  return {"question": QUESTION, **result["captions"], "failed": len(result["skipped"])}
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -204,7 +212,8 @@ def main(argv=None) -> int:
   final = stage_config(args, 3, out, tfds_dir, tokenizer)
   with open(os.path.join(out, "data", "validation_truth.json")) as f:
     truth = json.load(f)
-  result = evaluate(final, os.path.join(out, "stage3"), paths["validation"], truth)
+  result = evaluate(final, os.path.join(out, "stage3"), paths["validation"], truth,
+                    timeline_dir=os.path.join(out, "timelines"), timelines=3)
   plot_boundaries(result["videos"][:args.plots], os.path.join(out, "boundaries.png"))
   plot_losses([os.path.join(out, f"stage{s}") for s in (1, 2, 3)], os.path.join(out, "loss.png"))
   times["eval_s"] = time.time() - t0
@@ -212,10 +221,12 @@ def main(argv=None) -> int:
   summary = {"config": {"size": args.size, "videos": args.videos, "val_videos": args.val_videos,
                         "batch": args.batch, "frames": 16, "steps": args.steps, "learning_rates": args.lr},
              "stages": stages, "boundaries": result["scores"], "captions": result["captions"],
-             "seconds": times, "plots": ["boundaries.png", "loss.png"]}
+             "answers": answer_summary(result),
+             "seconds": times, "plots": ["boundaries.png", "loss.png"],
+             "timelines": [os.path.relpath(p, out) for p in result["timelines"]]}
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  print(json.dumps({"boundaries": result["scores"], "captions": result["captions"], "seconds": times}))
+  print(json.dumps({"boundaries": result["scores"], "answers": summary["answers"], "seconds": times}))
   return 0
 
 

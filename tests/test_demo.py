@@ -97,7 +97,10 @@ def test_quick_demo_end_to_end(tmp_path):
   for key in ("learned_tol1", "uniform_tol1", "learned_tol0", "uniform_tol0"):
     assert 0.0 <= b[key]["precision"] <= 1.0 and b[key]["true"] > 0
   assert b["learned_tol1"]["predicted"] == b["uniform_tol1"]["predicted"] == b["learned_tol1"]["true"]
-  for png in ("boundaries.png", "loss.png"):
+  assert summary["answers"]["videos"] + summary["answers"]["failed"] == 8
+  assert 0.0 <= summary["answers"]["scene_accuracy"] <= 1.0
+  assert len(summary["timelines"]) == 3
+  for png in ("boundaries.png", "loss.png", *summary["timelines"]):
     with open(tmp_path / png, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # Stage 2 started from stage 1's checkpoint, stage 3 from stage 2's.

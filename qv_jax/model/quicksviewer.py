@@ -45,14 +45,21 @@ class Quicksviewer(nnx.Module):
     -> [B, F, P, Dv]."""
     return constrain(self.vision_tower.encode_frames(frames), ("batch", "frames", "tokens", "vision_embed"))
 
-  def prepare_inputs(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True
+  def prepare_inputs(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True,
+                     features: jax.Array | None = None, max_seq_len: int | None = None, layer_params=None
                      ) -> tuple[assembly.Assembled, CompressorOutput]:
-    """Vision, compression and assembly: the decoder's merged inputs [B, max_seq_len, D]."""
-    features = self.frame_features(batch["frames"])
-    cubes = self.compressor.encode(self.compressor_inputs(batch, features, key=key, noise_weight=noise_weight))
-    return self.assemble_inputs(batch, features, cubes, encode_images=encode_images), cubes
+    """Vision, compression and assembly: the decoder's merged inputs [B, max_seq_len, D].
+    `features` [B, F, P, Dv]: the tower's output when already computed; `max_seq_len` overrides the
+    config's static merged length (inference sizes it per bucket); `layer_params`: per-layer decoder params
+    when the decoder is unstacked (read by question-conditioned compressors)."""
+    if features is None:
+      features = self.frame_features(batch["frames"])
+    inputs = self.compressor_inputs(batch, features, key=key, noise_weight=noise_weight, layer_params=layer_params)
+    cubes = self.compressor.encode(inputs)
+    merged = self.assemble_inputs(batch, features, cubes, encode_images=encode_images, max_seq_len=max_seq_len)
+    return merged, cubes
 
-  def compressor_inputs(self, batch: dict, features, *, key, noise_weight) -> CompressorInputs:
+  def compressor_inputs(self, batch: dict, features, *, key, noise_weight, layer_params=None) -> CompressorInputs:
     """The registry contract's inputs (the question span and the attention scorer where the kind needs
     them)."""
     is_video = batch["modality"] == MODALITY_VIDEO
@@ -62,12 +69,12 @@ class Quicksviewer(nnx.Module):
                               sample_ids=batch["sample_id"])
     if self.compressor.needs_question:
       from qv_jax.model.compressors import question_select
-      inputs.question, inputs.scorer = question_select.question_context(self.decoder, batch,
-                                                                         self.compressor)
+      inputs.question, inputs.scorer = question_select.question_context(self.decoder, batch, self.compressor,
+                                                                         layer_params=layer_params)
     return inputs
 
-  def assemble_inputs(self, batch: dict, features, cubes: CompressorOutput, *, encode_images: bool = True
-                      ) -> assembly.Assembled:
+  def assemble_inputs(self, batch: dict, features, cubes: CompressorOutput, *, encode_images: bool = True,
+                      max_seq_len: int | None = None) -> assembly.Assembled:
     """The merged sequence of a compressor output (kept tokens only where it has a token mask)."""
     image_tokens = self.compressor.encode_images(features) if encode_images else None
     text_embeds = self.decoder.embed(jnp.maximum(batch["input_ids"], 0))
@@ -75,7 +82,8 @@ class Quicksviewer(nnx.Module):
     sizes = dict(thumb_len=cubes.thumbnail.shape[1], cube_len=q, num_cube_slots=kmax,
                  image_len=q if image_tokens is None else image_tokens.shape[2],
                  num_image_slots=features.shape[1])
-    length = self.max_seq_len
+    out_len = self.max_seq_len if max_seq_len is None else int(max_seq_len)
+    length = out_len
     if cubes.token_mask is not None:
       length = assembly.merged_length_bound(batch["input_ids"].shape[1], **sizes)
     plan = assembly.plan_sequence(
@@ -83,7 +91,7 @@ class Quicksviewer(nnx.Module):
         cubes.cube_ids, max_seq_len=length, **sizes)
     if cubes.token_mask is not None:
       plan = compact_plan(plan, cubes.token_mask, cube_base=batch["input_ids"].shape[1] + sizes["thumb_len"],
-                          max_seq_len=self.max_seq_len)
+                          max_seq_len=out_len)
     return assembly.assemble(plan, text_embeds, cubes.thumbnail, cubes.cube_tokens, image_tokens,
                              batch["labels"])
 

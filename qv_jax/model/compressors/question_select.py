@@ -84,8 +84,9 @@ def _attention_probs(layer, x, cos, sin, mask) -> jax.Array:
 
 
 def frame_attention_scores(decoder, frame_embeds, frame_valid_, question: QuestionSpan, *, layers,
-                           segment_frames: int) -> jax.Array:
-  """frame_embeds [B, F, D], frame_valid [B, F] -> scores [B, F] fp32 (-inf on padded frames)."""
+                           segment_frames: int, layer_params=None) -> jax.Array:
+  """frame_embeds [B, F, D], frame_valid [B, F] -> scores [B, F] fp32 (-inf on padded frames).
+  layer_params: per-layer param states of an unstacked decoder (else the stacked `decoder.layers`)."""
   b, f, d = frame_embeds.shape
   index, mask, positions = segment_layout(frame_valid_, question.valid, segment_frames)
   g, length = index.shape[1], index.shape[2]
@@ -102,7 +103,8 @@ def frame_attention_scores(decoder, frame_embeds, frame_valid_, question: Questi
   qv = mask[:, s:].astype(jnp.float32)                                      # [B·G, Lq]
   total = jnp.zeros((b * g, s), jnp.float32)
   for i in range(max(layers) + 1):
-    layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+    layer = nnx.merge(graphdef, layer_params[i] if layer_params is not None
+                      else jax.tree.map(lambda a: a[i], state))
     if i in layers:
       probs = _attention_probs(layer, x, cos, sin, mask).mean(1)             # [B·G, L, L]
       to_frames = probs[:, s:, :s]                                           # question rows, frame cols
@@ -122,14 +124,16 @@ def selected_layers(model_config) -> tuple[int, ...]:
   return layers
 
 
-def question_context(decoder, batch: dict, compressor) -> tuple[QuestionSpan, object]:
-  """The question span of a batch and the scorer closing over the decoder."""
+def question_context(decoder, batch: dict, compressor, layer_params=None) -> tuple[QuestionSpan, object]:
+  """The question span of a batch and the scorer closing over the decoder (and its per-layer params when
+  unstacked, `decoder.split_layers`)."""
   ids, valid = question_tokens(batch, compressor.question_len)
   question = QuestionSpan(embeds=jax.lax.stop_gradient(decoder.embed(ids)), valid=valid)
 
   def scorer(frame_embeds, valid_frames):
     return frame_attention_scores(decoder, jax.lax.stop_gradient(frame_embeds), valid_frames, question,
-                                  layers=compressor.layers, segment_frames=compressor.segment_frames)
+                                  layers=compressor.layers, segment_frames=compressor.segment_frames,
+                                  layer_params=layer_params)
   return question, scorer
 
 

@@ -48,3 +48,18 @@ def compressor_class(kind: str):
 def build_compressor(model_config, *, rngs):
   """The compressor module of `model_config.compressor.kind`."""
   return compressor_class(compressor_kind(model_config.compressor))(model_config, rngs=rngs)
+
+
+def visual_token_bound(model_config, num_frames: int) -> int:
+  """The most visual tokens one video of the bucket F puts in the prompt at inference (η = 0)."""
+  from qv_jax.model.gumbel import max_cubes
+  c = model_config.compressor
+  kind = compressor_kind(c)
+  cubes = (int(c.grid_size) ** 2) // int(c.thumbnail_pool) + max_cubes(num_frames, int(c.frames_per_cube)) \
+      * int(c.num_queries)
+  if kind == "score_gating":
+    from qv_jax.model.compressors.score_gating import budget_tokens
+    return budget_tokens(num_frames, int(c.num_queries), float(c.keep_ratio))
+  if kind == "question_select" and c.select_tokens == "pooled":
+    return min(int(c.select_frames), num_frames)
+  return cubes
