@@ -1,5 +1,5 @@
 """Compressor kinds side by side on one random-weight model and one synthetic batch, printed as JSON
-(one object per kind): visual tokens in the prompt, merged length, compressor + assembly time, decoder
+(one object per kind): the merged prompt length (text + visual tokens), compressor + assembly time, decoder
 prefill time and matmul FLOPs at that length. No accuracy: the weights are random (the demo-data accuracy
 comparison is not built yet). Budgets are set equal to cubing's bound (thumbnail + Kmax·Q tokens): score_gating
 keeps that many tokens, question_select keeps that many frames' worth of cubes.
@@ -58,13 +58,11 @@ def run(size: str, frames: int, repeats: int):
                                                      features=f))
     merged, cubes = prep(model, batch, features)
     length = int(np.asarray(merged.length).max())
-    text = np.asarray(batch["token_valid"]).sum(1)
-    visual = np.asarray(merged.length) - text            # visual tokens minus the text tokens dropped
     e, m_, p = merged.embeds[:, :length], merged.mask[:, :length], merged.positions[:, :length]
     prefill = nnx.jit(lambda m, e, mk, p: m.decoder(inputs_embeds=e, positions=p, mask=mk, return_hidden=True)[0])
     record = dict(bench="compressors", kind=kind, size=size, frames=frames, settings=extra,
                   budget_tokens=budget, num_frames=np.asarray(batch["num_frames"]).tolist(),
-                  merged_length=np.asarray(merged.length).tolist(), visual_minus_dropped_text=visual.tolist(),
+                  merged_length=np.asarray(merged.length).tolist(),
                   compress_s=time_call(prep, model, batch, features, repeats=repeats)["median_s"],
                   prefill_s=time_call(prefill, model, e, m_, p, repeats=repeats)["median_s"],
                   prefill_flops=matmul_flops(lambda e, mk, p: model.decoder(
