@@ -68,6 +68,14 @@ def compressor_defaults(size: str) -> ml_collections.ConfigDict:
       mlp_layer_norm_eps=1e-5,                 # proj_fn LayerNorm (PyTorch default)
       resampler_layer_norm_eps=1e-6,
       pos_temperature=10000.0,
+      kind="cubing",                           # the compressor (qv_jax/model/compressors/registry.py)
+      keep_ratio=0.1,                          # score_gating: share of the F·Q per-frame tokens kept
+      policy_hidden=256,                       # score_gating: width of the gating policy's hidden layer
+      select_frames=8,                         # question_select: frames kept (M, capped at F)
+      segment_frames=8,                        # question_select: frames per local-attention segment
+      select_layers=(),                        # question_select: decoder layers scored (() = middle one)
+      select_tokens="pooled",                  # question_select: "pooled" (1 token/frame) or "cubes"
+      question_len=32,                         # question_select: question tokens read (the last ones)
   ))
 
 
@@ -149,6 +157,8 @@ def validate_compressor(c, vision) -> None:
           f"vision_dim {c.vision_dim} and grid_size {c.grid_size} must be positive")
   for name in ("mlp_layer_norm_eps", "resampler_layer_norm_eps", "pos_temperature"):
     require(c[name] > 0, f"{f}.{name}", f"must be positive, got {c[name]}")
+  from qv_jax.model.compressors.registry import validate_kind
+  validate_kind(c)
 
 
 def validate_decoder(d, compressor=None) -> None:

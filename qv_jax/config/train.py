@@ -13,7 +13,7 @@ STAGE_TRAINABLE = {
 }
 STAGE_LEARNING_RATE = {1: 1e-4, 2: 1e-5, 3: 1e-5}
 AUX_NORMALIZATIONS = ("all_samples", "video_samples")
-PARAM_GROUPS = ("compressor", "embed_tokens", "lm_head", "vision_tower", "decoder")
+PARAM_GROUPS = ("compressor", "embed_tokens", "lm_head", "vision_tower", "decoder", "policy")
 
 
 def train_defaults(stage: int) -> ml_collections.ConfigDict:
@@ -38,6 +38,10 @@ def train_defaults(stage: int) -> ml_collections.ConfigDict:
       trainable_override=(),       # non-empty: these PARAM_GROUPS train instead of the stage's
       encode_images=True,          # False: video-only data; skips the per-crop resampler pass
       ce_chunk=2048,               # decoder positions per logits chunk in the loss (bounds [B, c, V])
+      score_rollouts=0,            # score_gating: G > 0 trains the gating policy by RL (train/score_rl.py)
+      score_ce_tolerance=0.05,     # score_gating RL: a rollout is safe while CE ≤ CE_all_tokens + this
+      score_curriculum="videos",   # score_gating RL: "pseudo_videos" (each video made piecewise static)
+      score_repeat=4,              # pseudo_videos: frames per repeated still
       seed=0,
       compilation_cache_dir="",    # persistent XLA compilation cache ("" = off); reused across runs
       workdir="",
@@ -71,6 +75,10 @@ def validate_train(t) -> None:
   require(t.checkpoint_every >= 1, f"{f}.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
   require(t.log_every >= 1, f"{f}.log_every", f"must be >= 1, got {t.log_every}")
   require(t.ce_chunk >= 1, f"{f}.ce_chunk", f"must be >= 1, got {t.ce_chunk}")
+  require(int(t.get("score_rollouts", 0)) >= 0, f"{f}.score_rollouts", f"must be >= 0, got {t.score_rollouts}")
+  require(t.get("score_curriculum", "videos") in ("pseudo_videos", "videos"), f"{f}.score_curriculum",
+          f"{t.get('score_curriculum')!r}; expected 'pseudo_videos' or 'videos'")
+  require(int(t.get("score_repeat", 1)) >= 1, f"{f}.score_repeat", f"must be >= 1, got {t.get('score_repeat')}")
   require(t.stop_at >= 0, f"{f}.stop_at", f"must be >= 0, got {t.stop_at}")
   require(all(isinstance(a, str) for a in t.allow_config_change), f"{f}.allow_config_change",
           f"expected field names, got {tuple(t.allow_config_change)!r}")

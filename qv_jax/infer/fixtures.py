@@ -11,8 +11,9 @@ TEXTS_EXTRA = ["What colour is the first shape?", "red circle, then blue square.
 
 
 def make_workdir(directory: str, *, size: str = "tiny", seed: int = 0, step: int = 3,
-                 max_text_len: int = 256, max_seq_len: int = 256) -> str:
-  """Writes a random `size` model (stage-3 config, a tiny BPE tokenizer) to `directory`; returns it."""
+                 max_text_len: int = 256, max_seq_len: int = 256, compressor: dict | None = None) -> str:
+  """Writes a random `size` model (stage-3 config, a tiny BPE tokenizer) to `directory`; returns it.
+  `compressor`: overrides of `model.compressor` (e.g. {"kind": "score_gating"})."""
   import orbax.checkpoint as ocp
   from flax import nnx
 
@@ -30,6 +31,8 @@ def make_workdir(directory: str, *, size: str = "tiny", seed: int = 0, step: int
   config.data.tokenizer_path = tokenizer
   config.data.max_text_len, config.data.max_seq_len = max_text_len, max_seq_len
   config.train.seed = seed
+  for k, v in (compressor or {}).items():
+    config.model.compressor[k] = v
   validate(config)
   params = nnx.to_pure_dict(nnx.state(Quicksviewer(config, rngs=nnx.Rngs(params=seed))))
   with ocp.StandardCheckpointer() as ck:

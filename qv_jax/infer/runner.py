@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipeline.collate import Collator
 from qv_jax.model import gumbel
+from qv_jax.model.compressors.registry import visual_token_bound
 from qv_jax.model.generate import Generator
 from qv_jax.sharding import data_sharding
 
@@ -65,10 +66,10 @@ def _encode(graphdef, state, frames):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_seq_len"))
-def _compress(graphdef, state, features, batch, max_seq_len):
+def _compress(graphdef, state, features, batch, max_seq_len, layer_params=None):
   model = nnx.merge(graphdef, state)
   merged, cubes = model.prepare_inputs(batch, key=None, noise_weight=0.0, encode_images=False,
-                                       features=features, max_seq_len=max_seq_len)
+                                       features=features, max_seq_len=max_seq_len, layer_params=layer_params)
   tau = model.compressor.settings.gumbel_tau
   probs = gumbel.boundary_probs(cubes.logits, None, 0.0, tau)
   return merged.embeds, merged.mask, merged.positions, merged.length, cubes.boundary, probs
@@ -105,12 +106,9 @@ def prepare(model, batch: dict) -> Prepared:
     t0 = time.perf_counter()
     del device["frames"]
     f = features.shape[1]
-    c = model.config.model.compressor
-    kmax = gumbel.max_cubes(f, int(c.frames_per_cube))
-    q = int(c.num_queries)
-    thumb = (int(c.grid_size) ** 2) // int(c.thumbnail_pool)
-    bound = batch["input_ids"].shape[1] + thumb + kmax * q
-    out = _compress(model.graphdef, model.state, features, device, max_seq_len=bound)
+    bound = batch["input_ids"].shape[1] + visual_token_bound(model.config.model, f)
+    out = _compress(model.graphdef, model.state, features, device, max_seq_len=bound,
+                    layer_params=model.layer_params)
     embeds, mask, positions, length, boundary, probs = jax.block_until_ready(out)
     timings["compressor_s"] = time.perf_counter() - t0
   length = np.asarray(length)

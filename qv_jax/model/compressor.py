@@ -50,6 +50,8 @@ class CompressorOutput:
   logits: jax.Array        # [B, F-1, 2] fp32 cubing logits z
   logit_mask: jax.Array    # [B, F-1] bool, valid rows of z (t < N_b - 1)
   aux_loss: jax.Array      # scalar: mean over valid rows of ‖z‖₂ (0 if none)
+  token_mask: jax.Array | None = None  # [B, Kmax, Q] bool: kept tokens of each slot (None: all of them)
+  diagnostics: dict | None = None      # kind-specific arrays (gate logits, frame scores, ...)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +130,10 @@ def _is_concrete(*xs) -> bool:
 
 class Compressor(nnx.Module):
   """Cubing + resampler + thumbnail. `model_config` is `config.model` (uses .compressor, .vision,
-  .compute_dtype, .param_dtype); a bad compressor config raises ConfigError naming the field."""
+  .compute_dtype, .param_dtype); a bad compressor config raises ConfigError naming the field.
+  The `cubing` kind of the registry (qv_jax/model/compressors/)."""
+
+  needs_question = False
 
   def __init__(self, model_config, *, rngs: nnx.Rngs):
     validate_compressor(model_config.compressor, model_config.vision)
@@ -164,6 +169,11 @@ class Compressor(nnx.Module):
       check_inputs(features, num_frames, s)
       return _compress_jit(self, features, num_frames, key, noise_weight, sample_ids)
     return self.compress(features, num_frames, key, noise_weight, sample_ids)
+
+  def encode(self, inputs) -> CompressorOutput:
+    """The registry contract (`compressors.base.CompressorInputs` -> CompressorOutput)."""
+    return self(inputs.features, inputs.num_frames, key=inputs.key, noise_weight=inputs.noise_weight,
+                sample_ids=inputs.sample_ids)
 
   def compress(self, features, num_frames, key, noise_weight, sample_ids) -> CompressorOutput:
     """`__call__` without the host checks (the traced body)."""

@@ -3,7 +3,7 @@ trainable and a frozen pure dict (the frozen part gets no gradient and no optimi
 
 Groups are named by full-model param paths (`Quicksviewer`: `vision_tower/...`, `compressor/...`,
 `decoder/...`): `compressor`, `embed_tokens` (decoder/embed_tokens), `lm_head` (decoder/lm_head, or the
-embeddings when they are tied), `vision_tower`, `decoder` (the whole LLM).
+embeddings when they are tied), `vision_tower`, `decoder` (the whole LLM), `policy` (compressor/policy: the score_gating policy alone).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from qv_jax.config.train import PARAM_GROUPS, STAGE_TRAINABLE
 
 _GROUP_PREFIXES = {
     "compressor": (("compressor",),),
+    "policy": (("compressor", "policy"),),
     "embed_tokens": (("decoder", "embed_tokens"),),
     "lm_head": (("decoder", "lm_head"),),
     "vision_tower": (("vision_tower",),),

@@ -1,0 +1,1 @@
+"""Pluggable video compressors: the contract (`base`), the registry (`registry`) and the kinds."""
