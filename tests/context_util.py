@@ -43,16 +43,18 @@ def make_model(config):
   return Quicksviewer(config, rngs=nnx.Rngs(0))
 
 
-def loss_fn(model, batch, key, eta):
+def loss_fn(model, batch, key, eta, ce_chunk=64):
   out = model(batch, key=key, noise_weight=eta, encode_images=False)
-  ce_sum, count = chunked_cross_entropy(out.hidden, out.inputs.labels, model.decoder.logits_from_hidden, 64)
+  ce_sum, count = chunked_cross_entropy(out.hidden, out.inputs.labels, model.decoder.logits_from_hidden,
+                                        ce_chunk)
   aux = cubing_aux_per_sample(out.cubes.logits, out.cubes.logit_mask, batch["modality"] == MODALITY_VIDEO)
   loss = ce_sum.sum() / jnp.maximum(count.sum(), 1) + 0.001 * aux.mean()
   return loss, dict(boundary=out.cubes.boundary, cube_ids=out.cubes.cube_ids,
                     thumbnail=out.cubes.thumbnail, cube_tokens=out.cubes.cube_tokens)
 
 
-def sharded_step(config, model, batch: dict, mesh_sizes: dict, devices=None, eta: float = 1.0):
+def sharded_step(config, model, batch: dict, mesh_sizes: dict, devices=None, eta: float = 1.0,
+                 ce_chunk: int = 64):
   """(loss, aux outputs, grads) of the whole model, all fetched to host, under a mesh of `mesh_sizes`
   (context included); the jitted function is returned too for cost analysis."""
   sizes = {**dict(data=1, fsdp=1, context=1, tensor=1), **mesh_sizes}
@@ -63,7 +65,7 @@ def sharded_step(config, model, batch: dict, mesh_sizes: dict, devices=None, eta
 
   def step(state, batch):
     m = nnx.merge(graphdef, state)
-    (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m, batch, key, eta)
+    (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m, batch, key, eta, ce_chunk)
     return loss, aux, nnx.state(grads) if not isinstance(grads, nnx.State) else grads
 
   with jax.set_mesh(mesh), axis_rules(config.sharding_rules):
