@@ -100,9 +100,10 @@ def logical_to_pspec(axes: Axes | None, rules: Rules | None = None, mesh=None,
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh from the config's axis sizes; one size may be -1 (the rest)."""
+  """A (data, fsdp, context, tensor) mesh from the config's axis sizes (a missing `context` is 1); one
+  size may be -1 (the rest)."""
   devices = list(devices if devices is not None else jax.devices())
-  sizes = {a: int(mesh_config[a]) for a in MESH_AXES}
+  sizes = {a: int(mesh_config[a]) if a in mesh_config else 1 for a in MESH_AXES}
   known = math.prod(s for s in sizes.values() if s != -1)
   if any(s == -1 for s in sizes.values()):
     if len(devices) % known:
@@ -151,6 +152,8 @@ def constrain(x: jax.Array, axes: Axes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_pspec(axes, None, mesh, x.shape))
 
 
-def data_sharding(mesh: Mesh, ndim: int, rules: Rules | None = None) -> NamedSharding:
-  """Sharding of a batch array [B, ...]: batch over (data, fsdp), the rest replicated."""
-  return NamedSharding(mesh, logical_to_pspec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+def data_sharding(mesh: Mesh, ndim: int, rules: Rules | None = None,
+                  shape: Sequence[int] | None = None) -> NamedSharding:
+  """Sharding of a batch array [B, ...]: batch over (data, fsdp), the rest replicated. With the global
+  `shape`, mesh axes that do not divide B are dropped (a batch of 1 on a context-only mesh)."""
+  return NamedSharding(mesh, logical_to_pspec(("batch",) + (None,) * (ndim - 1), rules, mesh, shape))

@@ -4,11 +4,12 @@ import ml_collections
 
 from qv_jax.config.errors import require
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # Logical axis name -> mesh axis (or axes, or None). The only place logical names meet mesh axes.
 LOGICAL_AXIS_RULES = (
     ("batch", ("data", "fsdp")),
+    ("context_batch", ("data", "fsdp", "context")),   # [B·C] rows: a sample's frame shards (vision tower)
     ("embed", "fsdp"),
     ("vision_embed", "fsdp"),
     ("mlp", "tensor"),
@@ -19,22 +20,23 @@ LOGICAL_AXIS_RULES = (
     ("head_dim", None),
     ("kv", None),
     ("queries", None),
-    ("frames", None),
+    ("frames", "context"),
     ("tokens", None),
     ("cubes", None),
     ("layers", None),
-    ("length", None),
+    ("length", "context"),
     ("channels", None),
 )
 
 
 def mesh_defaults() -> ml_collections.ConfigDict:
-  """Axis sizes; one axis may be -1 (all remaining devices)."""
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  """Axis sizes; one axis may be -1 (all remaining devices). `context` splits one sample's frames and
+  merged sequence (docs/context.md)."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
 
 
 def validate_mesh(m) -> None:
-  sizes = [m[a] for a in MESH_AXES]
+  sizes = [m.get(a, 1) for a in MESH_AXES]
   for a, s in zip(MESH_AXES, sizes):
     require(s == -1 or s >= 1, f"mesh.{a}", f"must be -1 or >= 1, got {s}")
   require(sizes.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")

@@ -6,6 +6,7 @@ from qv_jax.config.mesh import validate_mesh
 from qv_jax.config.model import MODEL_PARTS, validate_model
 from qv_jax.config.sizes import check_size
 from qv_jax.config.train import validate_train
+from qv_jax.parallel.context import check_config as check_context
 
 
 def validate(config, parts=MODEL_PARTS):
@@ -17,5 +18,6 @@ def validate(config, parts=MODEL_PARTS):
   validate_model(config.model, parts)
   validate_data(config.data, config.model)
   validate_mesh(config.mesh)
+  check_context(config)
   validate_train(config.train)
   return config

@@ -33,6 +33,7 @@ from qv_jax.model import gumbel
 from qv_jax.model.cubing import Cubing, aux_norm_loss, cube_partition, pool_tokens, thumbnail_features
 from qv_jax.model.gumbel import gumbel_noise_weight, max_cubes, num_cubes
 from qv_jax.model.resampler import Resampler
+from qv_jax.parallel.context_cubing import global_frame_means
 from qv_jax.sharding import constrain
 
 __all__ = ["Compressor", "CompressorOutput", "CompressorSettings", "check_inputs", "num_cubes",
@@ -186,7 +187,7 @@ class Compressor(nnx.Module):
     # padded frames are masked where they are read (here and per chunk in the resampler), so no
     # masked copy of the features is made and non-finite padding cannot leak
     pooled = jnp.where(frame_valid[:, :, None, None], pool_tokens(x, s.thumbnail_pool), 0.0)
-    logits = self.cubing(pooled.mean(axis=2))                                 # [B, F-1, 2]
+    logits = self.cubing(global_frame_means(pooled.mean(axis=2)))             # [B, F-1, 2]
     logit_mask = jnp.arange(f - 1)[None, :] < (n - 1)[:, None]
     inner = gumbel.inner_boundaries(n, s.frames_per_cube)
     if s.partition == "gumbel":

@@ -20,6 +20,8 @@ from qv_jax.model.compressors.compact import compact_plan
 from qv_jax.model.compressors.registry import build_compressor
 from qv_jax.model.decoder import Decoder
 from qv_jax.model.vision_tower import SiglipVisionTower
+from qv_jax.parallel.context import check_divisible, context_size
+from qv_jax.parallel.context_vision import encode_frames_split
 from qv_jax.sharding import constrain
 
 
@@ -43,6 +45,8 @@ class Quicksviewer(nnx.Module):
   def frame_features(self, frames: jax.Array) -> jax.Array:
     """frames [B, F, S, S, 3] uint8 (normalised chunk by chunk inside the tower) or float in [-1, 1]
     -> [B, F, P, Dv]."""
+    if context_size() > 1:
+      return encode_frames_split(self.vision_tower, frames)
     return constrain(self.vision_tower.encode_frames(frames), ("batch", "frames", "tokens", "vision_embed"))
 
   def prepare_inputs(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True,
@@ -120,6 +124,7 @@ class Quicksviewer(nnx.Module):
   def __call__(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True
                ) -> ModelOutput:
     """Training forward: the final hidden states (the trainer computes logits in chunks)."""
+    check_divisible("data.max_seq_len", self.max_seq_len, context_size())
     merged, cubes = self.prepare_inputs(batch, key=key, noise_weight=noise_weight,
                                         encode_images=encode_images)
     hidden, _ = self.decoder(inputs_embeds=merged.embeds, positions=merged.positions, mask=merged.mask,

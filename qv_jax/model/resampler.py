@@ -21,6 +21,7 @@ from flax import nnx
 from qv_jax.layers import Dense, LayerNorm
 from qv_jax.model.resampler_fast import attend_fast
 from qv_jax.model.resampler_plain import attend_plain
+from qv_jax.parallel.context import context_size
 from qv_jax.sharding import constrain, param
 
 
@@ -94,8 +95,12 @@ class Resampler(nnx.Module):
     kwargs = dict(num_cubes=num_cubes, num_heads=self.num_heads, grid_size=self.grid_size,
                   eps=self.eps, temperature=self.temperature, dtype=self.dtype)
     if impl == "fast":
+      context = context_size()
+      if f % context:
+        context = 1
       attn = attend_fast(self.weights(), features, cube_ids, frame_valid, frame_positions,
-                         token_chunk=self.token_chunk, save_scores=self.save_scores, **kwargs)
+                         token_chunk=self.token_chunk, save_scores=self.save_scores, context=context,
+                         **kwargs)
     elif impl == "plain":
       attn = attend_plain(self.weights(), features, cube_ids, frame_valid, frame_positions, **kwargs)
     else:

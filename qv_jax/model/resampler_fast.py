@@ -190,13 +190,14 @@ segment_attention.defvjp(_segment_attention_fwd, _segment_attention_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("num_cubes", "num_heads", "grid_size", "eps", "temperature",
-                                             "dtype", "token_chunk", "save_scores"))
+                                             "dtype", "token_chunk", "save_scores", "context"))
 def attend_fast(w, x: jax.Array, cube_ids: jax.Array, frame_valid: jax.Array,
                 frame_positions: jax.Array, *, num_cubes: int, num_heads: int, grid_size: int,
                 eps: float, temperature: float, dtype, token_chunk: int,
-                save_scores: bool = True) -> jax.Array:
+                save_scores: bool = True, context: int = 1) -> jax.Array:
   """Same contract as `attend_plain`: [B, K, Q, D] fp32 attention output before out_proj. (Jitted so
-  that eager calls compile once; inside a trace it is inlined.)"""
+  that eager calls compile once; inside a trace it is inlined.) context > 1: the frames are split over
+  the mesh's `context` axis (qv_jax/parallel/context_resampler.py)."""
   b, f, p, dv = x.shape
   d = w.wkv.shape[1]
   h, dh = num_heads, d // num_heads
@@ -210,10 +211,14 @@ def attend_fast(w, x: jax.Array, cube_ids: jax.Array, frame_valid: jax.Array,
   d_time = time_pe.shape[-1]
   e_time = jnp.matmul(time_pe, qt[:, :d_time].T, precision=_HI)              # [F, HQ]
   e_space = jnp.matmul(space_pe, qt[:, d_time:].T, precision=_HI)            # [P, HQ]
-  cf = frames_per_chunk(f, max(1, token_chunk // p))
-  y = segment_attention(x.astype(dtype), a.astype(dtype), g.astype(dtype), e_time, e_space,
-                        cube_ids.astype(jnp.int32), frame_valid, num_cubes, cf, float(eps),
-                        bool(save_scores))
+  cf = frames_per_chunk(f // context, max(1, token_chunk // p))
+  args = (x.astype(dtype), a.astype(dtype), g.astype(dtype), e_time, e_space, cube_ids.astype(jnp.int32),
+          frame_valid, num_cubes, cf, float(eps))
+  if context > 1:
+    from qv_jax.parallel.context_resampler import context_segment_attention
+    y = context_segment_attention(*args)
+  else:
+    y = segment_attention(*args, bool(save_scores))
   bmat = jnp.matmul(wc * w.ln_kv_scale, w.wv, precision=_HI).reshape(dv, h, dh)
   const = jnp.matmul(w.ln_kv_bias, w.wv, precision=_HI) + w.bv
   out = jnp.einsum("bkhqv,vhe->bkqhe", y.reshape(b, num_cubes, h, nq, dv).astype(dtype),

@@ -136,8 +136,8 @@ def to_global(batch: dict, mesh) -> dict:
   n_proc = jax.process_count()
   for k in batch_keys(batch):
     x = np.asarray(batch[k])
-    sharding = data_sharding(mesh, x.ndim)
     global_shape = (x.shape[0] * n_proc,) + x.shape[1:]
+    sharding = data_sharding(mesh, x.ndim, shape=global_shape)
     out[k] = jax.make_array_from_process_local_data(sharding, x, global_shape)
   return out
 

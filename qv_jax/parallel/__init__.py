@@ -1,0 +1,1 @@
+"""Context parallelism: one sample's frames and merged sequence spread over the `context` mesh axis."""

@@ -1,0 +1,34 @@
+"""The `context` mesh axis: its size under the current mesh and the shape checks made before compiling."""
+
+from __future__ import annotations
+
+import jax
+
+from qv_jax.config.errors import ConfigError
+
+AXIS = "context"
+
+
+def context_size(mesh=None) -> int:
+  """Size of the `context` axis of `mesh` (default: the current abstract mesh); 1 without one."""
+  mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or AXIS not in mesh.shape:
+    return 1
+  return int(mesh.shape[AXIS])
+
+
+def check_divisible(field: str, length: int, context: int) -> None:
+  """One line naming `field` when `length` does not split evenly over `context` chips."""
+  if context > 1 and length % context:
+    raise ConfigError(field, f"{length} is not divisible by the context axis size {context}; pad the "
+                             f"frame bucket / sequence to a multiple of {context}")
+
+
+def check_config(config, mesh=None) -> None:
+  """Frame buckets and data.max_seq_len must be multiples of the context size (static shapes)."""
+  c = context_size(mesh) if mesh is not None else int(config.mesh.get(AXIS, 1))
+  if c <= 1:
+    return
+  for f in config.data.frame_buckets:
+    check_divisible("data.frame_buckets", int(f), c)
+  check_divisible("data.max_seq_len", int(config.data.max_seq_len), c)

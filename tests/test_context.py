@@ -1,0 +1,167 @@
+"""The `context` mesh axis: one video's frames and merged sequence over several chips, exactly.
+
+On 8 simulated CPU devices: the rules and a batch of 1; bad shapes rejected in one line; the compressor
+and the whole model (vision tower, cubing, resampler, assembly, decoder, loss, gradients) under
+context = 8, (context 4, fsdp 2) and (context 2, tensor 2, data 2) equal one device for F = 60 valid
+frames in a bucket of 64 (the last shard holds the 4 padded frames; cubes straddle shard borders); the
+reference's per-chunk cubing (SPEC §11.15) differs; KV-cache greedy generation with context 4 equals
+context 1 token for token."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from configs.quicksviewer import get_config
+from qv_jax.config.errors import ConfigError
+from qv_jax.model.compressor import Compressor
+from qv_jax.model.cubing import pool_tokens
+from qv_jax.model.decoder import Decoder
+from qv_jax.model.generate import generate
+from qv_jax.parallel.context import check_config
+from qv_jax.parallel.context_cubing import chunked_reference_boundaries
+from qv_jax.sharding import axis_rules, data_sharding, logical_to_pspec, make_mesh, state_shardings
+from context_util import long_video_batch, long_video_config, make_model, sharded_step
+
+MESHES = [dict(context=8), dict(context=4, fsdp=2), dict(context=2, tensor=2, data=2)]
+
+
+def _sizes(**kw):
+  return {**dict(data=1, fsdp=1, context=1, tensor=1), **kw}
+
+
+def assert_grads_close(got, want, rtol=1e-5, loose=(), loose_rtol=1e-4):
+  """Per parameter ‖got − want‖ ≤ rtol·max(‖want‖, 1e-4·‖all of want‖): relative, except for gradients
+  that are zero in exact arithmetic (attention key biases), whose rounding noise is measured against the
+  whole gradient's scale. Parameters whose path contains a name in `loose` get `loose_rtol`."""
+  flat_want = jax.tree_util.tree_flatten_with_path(want)[0]
+  flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  total = np.sqrt(sum(float(np.sum(np.square(np.asarray(w, np.float64)))) for _, w in flat_want))
+  assert total > 0
+  for path, w in flat_want:
+    w = np.asarray(w, np.float64)
+    g = np.asarray(flat_got[path], np.float64)
+    err = np.linalg.norm(g - w)
+    tol = loose_rtol if any(name in jax.tree_util.keystr(path) for name in loose) else rtol
+    assert err <= tol * max(np.linalg.norm(w), 1e-4 * total), (jax.tree_util.keystr(path), err,
+                                                                 np.linalg.norm(w))
+
+
+def test_context_axis_rules_and_a_batch_of_one():
+  mesh = make_mesh(_sizes(context=-1, fsdp=2))
+  assert dict(mesh.shape) == dict(data=1, fsdp=2, context=4, tensor=1)
+  assert logical_to_pspec(("batch", "frames", "tokens"), None, mesh, (2, 64, 36)) == P("fsdp", "context", None)
+  assert logical_to_pspec(("batch", "length", "embed"), None, mesh, (2, 512, 64)) == P("fsdp", "context", None)
+  # one sample on 8 chips: the batch stays whole, the frames split
+  assert data_sharding(mesh, 5, shape=(1, 64, 98, 98, 3)).spec == P(None, None, None, None, None)
+  assert make_mesh(dict(data=-1, fsdp=1, tensor=1)).shape["context"] == 1      # older configs
+
+
+@pytest.mark.parametrize("field,bucket,seq", [("data.frame_buckets", 60, 512), ("data.max_seq_len", 64, 500)])
+def test_shapes_not_divisible_by_context_are_rejected_in_one_line(field, bucket, seq):
+  c = long_video_config(bucket=bucket, max_frames=min(bucket, 60), seq_len=seq)
+  c.mesh.context, c.mesh.data = 8, 1
+  with pytest.raises(ConfigError) as err:
+    check_config(c)
+  assert field in str(err.value) and "8" in str(err.value) and "\n" not in str(err.value)
+  c.mesh.context = 4
+  check_config(c)
+
+
+def _features(seed=0, frames=64, valid=60):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(1, frames, 36, 32)).astype(np.float32)
+  x[:, 20:31] += 2.0                     # a scene that straddles the borders of 8-frame shards
+  x[:, valid:] = np.nan                  # padded frames are never read
+  return jnp.asarray(x), jnp.array([valid], jnp.int32)
+
+
+def _compress(comp, features, n, sizes):
+  graphdef, state = nnx.split(comp)
+  key = jax.random.key(3)
+
+  def loss(state, features):
+    out = nnx.merge(graphdef, state).compress(features, n, key, 1.0, None)
+    return jnp.sum(out.thumbnail ** 2) + jnp.sum(out.cube_tokens * jnp.cos(out.cube_tokens)), out
+
+  mesh = make_mesh(_sizes(**sizes), jax.devices()[:int(np.prod(list(_sizes(**sizes).values())))])
+  with jax.set_mesh(mesh):
+    state = jax.device_put(state, state_shardings(state, mesh))
+    (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state, features)
+    return jax.device_get((value, out, grads))
+
+
+@pytest.fixture(scope="module")
+def compressor():
+  c = long_video_config()
+  return Compressor(c.model, rngs=nnx.Rngs(1))
+
+
+@pytest.mark.parametrize("sizes", [dict(context=8), dict(context=4, fsdp=2)])
+def test_compressor_over_context_equals_one_device(compressor, sizes):
+  features, n = _features()
+  value_1, out_1, grads_1 = _compress(compressor, features, n, dict())
+  value, out, grads = _compress(compressor, features, n, sizes)
+  starts = np.flatnonzero(out_1.boundary[0])
+  assert len(starts) == 12 and any(s % 8 for s in starts[1:])
+  np.testing.assert_array_equal(out.boundary, out_1.boundary)
+  np.testing.assert_array_equal(out.cube_ids, out_1.cube_ids)
+  np.testing.assert_allclose(out.cube_tokens, out_1.cube_tokens, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.thumbnail, out_1.thumbnail, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(value, value_1, rtol=1e-5)
+  assert_grads_close(grads, grads_1)
+
+
+def test_reference_style_chunked_cubing_differs(compressor):
+  features, n = _features(valid=64)
+  pooled = pool_tokens(features, compressor.settings.thumbnail_pool)
+  exact = compressor.compress(features, n, None, 0.0, None)
+  s = compressor.settings
+  bounds, thumb = chunked_reference_boundaries(compressor.cubing, pooled[0], 8, s.frames_per_cube, s.gumbel_tau)
+  assert not np.array_equal(np.asarray(bounds), np.asarray(exact.boundary[0]))
+  assert np.asarray(bounds)[::8].all()                      # a forced boundary at every chunk start
+  exact_thumb = np.einsum("f,fpd->pd", np.asarray(exact.boundary[0]), np.asarray(pooled[0]))
+  exact_thumb /= np.asarray(exact.boundary[0]).sum()
+  assert np.abs(np.asarray(thumb) - exact_thumb).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def whole_model():
+  c = long_video_config()
+  model = make_model(c)
+  batch = long_video_batch(c, 60)
+  single, _, _ = sharded_step(c, model, batch, {}, [jax.devices()[0]])
+  return c, model, batch, single
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sizes", MESHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_whole_model_over_context_equals_one_device(whole_model, sizes):
+  c, model, batch, (loss_1, out_1, grads_1) = whole_model
+  (loss, out, grads), _, _ = sharded_step(c, model, batch, sizes)
+  np.testing.assert_array_equal(out["boundary"], out_1["boundary"])
+  np.testing.assert_array_equal(out["cube_ids"], out_1["cube_ids"])
+  np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
+  # The resampler's query-side gradients (query, LN_q, q_proj) are sums over every cube token of
+  # softmax gradients that cancel, behind LN_q of the zero-initialised query (×1/√ε): the ~1e-7
+  # differences of the upstream features / decoder gradient grow to ~6e-5 there. Given identical
+  # inputs the context resampler's own backward agrees to 1e-5 (test_compressor_over_context...).
+  assert_grads_close(grads, grads_1, loose=("['resampler']['query']", "['resampler']['ln_q']",
+                                            "['resampler']['q_proj']"))
+
+
+def test_greedy_generation_with_context_4_equals_context_1():
+  c = get_config("size=tiny,stage=3")
+  decoder = Decoder(c.model, rngs=nnx.Rngs(5))
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, 500, (1, 16)), jnp.int32)
+  kw = dict(input_ids=ids, max_new_tokens=17, eos_id=None, pad_id=0)
+  want = np.asarray(generate(decoder, **kw))
+  mesh = make_mesh(_sizes(context=4), jax.devices()[:4])
+  with jax.set_mesh(mesh), axis_rules(c.sharding_rules):
+    graphdef, state = nnx.split(decoder)
+    sharded = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
+    got = np.asarray(generate(sharded, **kw))
+  np.testing.assert_array_equal(got, want)
+  assert len(set(want[0].tolist())) > 2
