@@ -62,7 +62,7 @@ def parse_args(argv=None):
   p.add_argument("--config", required=True, help="configs/quicksviewer.py:size=...,stage=...")
   p.add_argument("--topology", required=True, help="e.g. v5p:4x4x8; several, comma-separated, sweep slices")
   p.add_argument("--num-slices", type=int, default=1, help="slices joined by DCN (the data axis spans them)")
-  p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor (one may be -1) or 'auto'")
+  p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor or data,fsdp,context,tensor (one may be -1) or 'auto'")
   p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
   p.add_argument("--frames", type=int, default=None, help="frames per video (default: the config's bucket)")
   p.add_argument("--remat", default=None, help="vision remat true|false (default: the config's)")

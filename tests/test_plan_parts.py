@@ -138,9 +138,9 @@ def test_roofline_hand_worked():
 
 def test_mesh_candidates_split_the_batch():
   c = mesh_candidates(16, 8, heads=4)
-  assert c and all(d * f * t == 16 and 8 % (d * f) == 0 and 4 % t == 0 for d, f, t in c)
-  assert (1, 8, 2) in c and (2, 8, 1) not in c          # 16 batch shards do not divide 8
-  assert all(d % 2 == 0 for d, _, _ in mesh_candidates(16, 16, num_slices=2))
+  assert c and all(d * f * t == 16 and ctx == 1 and 8 % (d * f) == 0 and 4 % t == 0 for d, f, ctx, t in c)
+  assert (1, 8, 1, 2) in c and (2, 8, 1, 1) not in c    # 16 batch shards do not divide 8
+  assert all(d % 2 == 0 for d, _, _, _ in mesh_candidates(16, 16, num_slices=2))
 
 
 def _fake(step_s, fits, mesh):
@@ -192,7 +192,8 @@ def test_topology_and_mesh_errors_name_the_flag():
   assert parse_topology("v5p:4x4x8") == (CHIPS["v5p"], (4, 4, 8))
   with pytest.raises(ConfigError, match="--mesh.*6 chips.*has 4"):
     check_mesh_shape((2, 3, 1), 4)
-  assert check_mesh_shape((1, -1, 2), 16) == (1, 8, 2)
+  assert check_mesh_shape((1, -1, 2), 16) == (1, 8, 1, 2)           # data,fsdp,tensor: context 1
+  assert check_mesh_shape((1, 2, -1, 2), 16) == (1, 2, 4, 2)        # data,fsdp,context,tensor
 
 
 def test_without_libtpu_the_message_says_how_to_install(monkeypatch):

@@ -1,4 +1,4 @@
-"""Candidate (data, fsdp, tensor) meshes for a chip count and a global batch."""
+"""Candidate (data, fsdp, context, tensor) meshes (context = 1) for a chip count and a global batch."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ def _divisors(n: int) -> list[int]:
 
 def mesh_candidates(chips: int, batch: int, *, num_slices: int = 1, grad_accum: int = 1,
                     max_tensor: int = 8, heads: int | None = None,
-                    inference: bool = False) -> list[tuple[int, int, int]]:
+                    inference: bool = False) -> list[tuple[int, int, int, int]]:
   """Meshes whose batch shards (data x fsdp) divide the global batch and the micro-batch, whose data axis
   is a multiple of the slice count, and whose tensor axis (<= max_tensor, within a host's reach) divides
   the attention heads. Ordered fsdp-heaviest first (the usual best for a 7B model). `inference`: a batch
@@ -27,5 +27,5 @@ def mesh_candidates(chips: int, batch: int, *, num_slices: int = 1, grad_accum: 
         continue
       if not inference and (data % num_slices or batch % shards or micro % shards):
         continue
-      out.append((data, fsdp, tensor))
-  return sorted(out, key=lambda m: (m[2], m[0]))
+      out.append((data, fsdp, 1, tensor))
+  return sorted(out, key=lambda m: (m[3], m[0]))

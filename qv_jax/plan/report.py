@@ -10,7 +10,8 @@ GIB = 2 ** 30
 
 def _mesh(r: dict) -> str:
   m = r["mesh"]
-  return f"{m['data']},{m['fsdp']},{m['tensor']}"
+  context = f"{m['context']}," if m.get("context", 1) != 1 else ""
+  return f"{m['data']},{m['fsdp']},{context}{m['tensor']}"
 
 
 def rank(results: list[dict]) -> list[dict]:
@@ -28,6 +29,8 @@ def train_command(r: dict) -> str:
   extra = (f"--config.data.batch_size={r['batch']} --config.data.max_frames={r['frames']} "
            f"--config.data.frame_buckets='({r['frames']},)' --config.model.vision.remat={r['remat']} "
            f"--config.model.vision.frame_chunk={r['frame_chunk']}")
+  if m.get("context", 1) != 1:
+    extra += f" --config.mesh.context={m['context']}"
   return (f"TPU_NAME=<your-{r['topology'].replace(':', '-')}> ZONE=<zone> SIZE={r['size']} "
           f"MESH_DATA={m['data']} MESH_FSDP={m['fsdp']} MESH_TENSOR={m['tensor']} "
           f"bash launch/tpu_pod.sh {r['stage']} gs://<bucket>/runs/stage{r['stage']} {extra}")

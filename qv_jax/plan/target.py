@@ -84,24 +84,28 @@ def load_target(topology: str, num_slices: int = 1) -> Target:
                 num_hosts=hosts)
 
 
-def check_mesh_shape(shape, num_chips: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) with at most one -1 resolved; a ConfigError naming --mesh otherwise."""
-  shape = tuple(int(s) for s in shape)
+def check_mesh_shape(shape, num_chips: int) -> tuple[int, int, int, int]:
+  """(data, fsdp, tensor) or (data, fsdp, context, tensor), at most one -1, -> (data, fsdp, context, tensor)
+  resolved; a ConfigError naming --mesh otherwise."""
+  given = shape = tuple(int(s) for s in shape)
+  if len(shape) == 3:
+    shape = shape[:2] + (1,) + shape[2:]
   if len(shape) != len(MESH_AXES) or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
-    raise ConfigError("--mesh", f"{shape}; expected three sizes data,fsdp,tensor (one may be -1)")
+    raise ConfigError("--mesh", f"{given}; expected data,fsdp,tensor or data,fsdp,context,tensor "
+                                f"(one may be -1)")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_chips % known:
-      raise ConfigError("--mesh", f"{shape} does not divide the {num_chips} chips")
+      raise ConfigError("--mesh", f"{given} does not divide the {num_chips} chips")
     shape = tuple(num_chips // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_chips:
-    raise ConfigError("--mesh", f"{'x'.join(map(str, shape))} = {math.prod(shape)} chips, but the target "
+    raise ConfigError("--mesh", f"{'x'.join(map(str, given))} = {math.prod(shape)} chips, but the target "
                                 f"has {num_chips}")
   return shape
 
 
 def target_mesh(target: Target, shape) -> Mesh:
-  """A (data, fsdp, tensor) mesh over the target's devices. With several slices the data axis runs across
+  """A (data, fsdp, context, tensor) mesh over the target's devices. With several slices the data axis runs across
   slices (outermost), so only data-parallel gradient reductions cross the DCN. Within a slice the device
   order follows `mesh_utils.create_device_mesh` (ICI-friendly when the shape allows it)."""
   shape = check_mesh_shape(shape, target.num_chips)

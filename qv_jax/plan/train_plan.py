@@ -39,7 +39,10 @@ def apply_overrides(config, *, batch: int | None = None, frames: int | None = No
   if frame_chunk is not None:
     config.model.vision.frame_chunk = int(frame_chunk)
   if mesh_shape is not None:
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = (int(s) for s in mesh_shape)
+    sizes = [int(s) for s in mesh_shape]
+    if len(sizes) == 3:
+      sizes.insert(2, 1)
+    config.mesh.data, config.mesh.fsdp, config.mesh.context, config.mesh.tensor = sizes
   return config
 
 
@@ -128,7 +131,7 @@ def analyse(compiled, mesh, target: Target, *, flops: float, tokens: float, dcn_
 
 
 def plan_train(config, target: Target, mesh_shape) -> dict:
-  """Compiles the train step for `target` with mesh (data, fsdp, tensor) and returns the report."""
+  """Compiles the train step for `target` with mesh (data, fsdp[, context], tensor) and returns the report."""
   compiled, info = compile_for_target(config, target, mesh_shape)
   d = config.data
   # across slices: each chip all-reduces its shard of the fp32 gradients with its peers in the other slices
