@@ -39,5 +39,6 @@ def abstract_batch(config, mesh, batch_size: int | None = None, num_frames: int 
   b = int(config.data.batch_size if batch_size is None else batch_size)
   f = int(max(config.data.frame_buckets) if num_frames is None else num_frames)
   rules = config.sharding_rules if rules is None else rules
-  return {k: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=data_sharding(mesh, len(shape), rules))
+  return {k: jax.ShapeDtypeStruct(shape, np.dtype(dtype),
+                                  sharding=data_sharding(mesh, len(shape), rules, shape=shape))
           for k, (shape, dtype) in batch_shapes(config, b, f).items()}
