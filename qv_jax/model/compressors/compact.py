@@ -27,4 +27,5 @@ def compact_plan(plan: SequencePlan, token_mask, *, cube_base: int, max_seq_len:
   take = lambda x: jnp.where(mask, jnp.take_along_axis(x, order, axis=1), 0)
   return SequencePlan(source=take(plan.source).astype(jnp.int32), is_text=take(plan.is_text).astype(bool),
                       text_index=take(plan.text_index).astype(jnp.int32), mask=mask,
-                      positions=jnp.where(mask, slots[None, :], 0), length=count, kind=plan.kind)
+                      positions=jnp.where(mask, slots[None, :], 0), length=count, kind=plan.kind,
+                      segment_ids=jnp.where(mask, take(plan.segment_ids), -1).astype(jnp.int32))
