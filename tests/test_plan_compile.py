@@ -59,7 +59,7 @@ def test_train_step_compiles_for_topology(size, topology):
   c = _config(size)
   report = plan_train(c, load_target(topology), (1, 4, 1))
   mem = report["memory_per_chip"]
-  assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert report["chips"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
   assert mem["fits"] and 0 < mem["total_bytes"] < mem["hbm_bytes"]
   # per-chip argument bytes by hand: the batch and a few params, sharded 4 ways over fsdp
   d = c.data
