@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh test
-exec .venv/bin/python -m pytest -n 2 --dist loadfile -q -ra "$@" tests
+exec .venv/bin/python -m pytest -n 2 --dist loadfile --max-worker-restart=0 -q -ra "$@" tests
