@@ -7,7 +7,8 @@ import pytest
 from qv_jax.sharding import axis_rules, make_mesh
 from qv_jax.train.loop import enable_compilation_cache, to_global
 from qv_jax.train.state import create_train_state
-from qv_jax.train.step import jit_train_step, make_train_step
+from qv_jax.train.compile import compile_train_step
+from qv_jax.train.step import make_train_step
 from qv_jax.train.synthetic_batches import SyntheticBatches
 from test_train_util import CACHE_DIR, single_device_mesh_config, tiny_config
 
@@ -20,8 +21,7 @@ def _train(config, steps):
   with jax.set_mesh(mesh), axis_rules(config.sharding_rules):
     state, spec = create_train_state(config, mesh)
     batch = to_global(batch_np, mesh)
-    fn = jit_train_step(make_train_step(spec.graphdef, config, spec.tx), spec,
-                        {k: v.sharding for k, v in batch.items()})
+    fn = compile_train_step(make_train_step(spec.graphdef, config, spec.tx), spec, state, batch)
     for _ in range(steps):
       state, m = fn(state, batch)
       out.append(jax.device_get(m))
