@@ -136,7 +136,11 @@ def whole_model():
   return c, model, batch, single
 
 
+# Excluded from CI (launch/test.sh deselects the marker): on 2 loaded cores XLA:CPU's in-process collectives
+# of this program have deadlocked, or aborted the process, in 2 of 3 full runs; alone it passes in ~75 s.
+# Run it with `pytest -m xla_cpu_hang tests/test_context.py`. Tracked in issue #11.
 @pytest.mark.slow
+@pytest.mark.xla_cpu_hang
 @pytest.mark.parametrize("sizes", MESHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_whole_model_over_context_equals_one_device(whole_model, sizes):
   c, model, batch, (loss_1, out_1, grads_1) = whole_model
