@@ -116,7 +116,10 @@ def test_logits_loss_and_gradients_equal_each_sample_alone(setup):
   _, _, rows, alone, packed, _, _ = setup
   logits = np.asarray(packed[3])
   for (r, start, n, _), a in zip(_spans(packed[4], rows), alone):
-    np.testing.assert_allclose(logits[r, start:start + n], np.asarray(a[3][0, :n]), rtol=1e-5, atol=1e-5)
+    ref = np.asarray(a[3][0, :n])
+    np.testing.assert_allclose(logits[r, start:start + n], ref, rtol=1e-5, atol=1e-5)
+    # 1e-6 relative (norm-wise) per sample; measured: max |Δ| ≤ 9e-7 of the largest |logit|.
+    assert np.linalg.norm(logits[r, start:start + n] - ref) <= 1e-6 * np.linalg.norm(ref)
   ce_alone, count_alone, grads_alone = alone[0][:3]        # sums over the unpacked rows
   assert float(packed[1]) == float(count_alone) > 0
   np.testing.assert_allclose(float(packed[0]), float(ce_alone), rtol=1e-6)
@@ -124,7 +127,9 @@ def test_logits_loss_and_gradients_equal_each_sample_alone(setup):
             zip(jax.tree_util.tree_flatten_with_path(packed[2])[0], jax.tree.leaves(grads_alone))]
   total = np.sqrt(sum(float(np.square(h).sum()) for _, _, h in leaves))
   diff = np.sqrt(sum(float(np.square(g - h).sum()) for _, g, h in leaves))
-  assert diff <= 1e-5 * total, (diff, total)
+  # Measured 9.1e-7 relative on the CI CPU; the bound leaves room for another CPU's matmul blocking (the
+  # vision tower sees a batch of another shape, so its fp32 sums round differently).
+  assert diff <= 1.5e-6 * total, (diff, total)
   for name, g, h in leaves:      # leaves whose true gradient is 0 (e.g. key biases) hold only rounding noise
     norm = float(np.linalg.norm(h))
     if norm > 1e-3 * total:
