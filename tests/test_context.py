@@ -23,7 +23,8 @@ from qv_jax.model.generate import generate
 from qv_jax.parallel.context import check_config
 from qv_jax.parallel.context_cubing import chunked_reference_boundaries
 from qv_jax.sharding import axis_rules, data_sharding, logical_to_pspec, make_mesh, state_shardings
-from context_util import long_video_batch, long_video_config, make_model, sharded_step
+import context_util
+from context_util import collective_executors, long_video_batch, long_video_config, make_model, sharded_step
 
 MESHES = [dict(context=8), dict(context=4, fsdp=2), dict(context=2, tensor=2, data=2)]
 
@@ -127,6 +128,32 @@ def test_reference_style_chunked_cubing_differs(compressor):
   assert np.abs(np.asarray(thumb) - exact_thumb).max() > 1e-3
 
 
+def test_collective_threads_guard_counts_executors_and_refuses_a_small_pool(monkeypatch):
+  """The XLA:CPU deadlock of #11: each simulated device blocks a pool thread per executor (entry, loop
+  bodies) with a collective in flight; the guard counts those executors and refuses too small a pool."""
+  mesh = make_mesh(_sizes(context=8))
+
+  def f(x):
+    y, _ = jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] + jax.lax.psum(c[0], "context"), c[1] + 1),
+                              (x, jnp.int32(0)))
+    z, _ = jax.lax.while_loop(lambda c: c[1] < 2, lambda c: (0.5 * jax.lax.pmax(c[0], "context"), c[1] + 1),
+                              (y, jnp.int32(0)))
+    return jax.lax.psum(z, "context") + jnp.sum(x) * 0
+
+  g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("context"), out_specs=P(), check_vma=False))
+  text = g.lower(jnp.arange(8.0)).compile().as_text()
+  assert collective_executors(text) == 3                      # the entry and both loop bodies
+  assert context_util.xla_cpu_pool_threads() == 256           # tests/conftest.py's PJRT_NPROC
+  context_util.check_collective_threads(text, 8)
+  c = np.arange(8.0)
+  for _ in range(3):
+    c = c + c.sum()
+  np.testing.assert_allclose(np.asarray(g(jnp.arange(8.0))), [8 * 0.25 * c.max()])
+  monkeypatch.setattr(context_util, "xla_cpu_pool_threads", lambda: 8)   # XLA's default on 2 cores
+  with pytest.raises(RuntimeError, match="PJRT_NPROC"):
+    context_util.check_collective_threads(text, 8)
+
+
 @pytest.fixture(scope="module")
 def whole_model():
   c = long_video_config()
@@ -136,11 +163,7 @@ def whole_model():
   return c, model, batch, single
 
 
-# Excluded from CI (launch/test.sh deselects the marker): on 2 loaded cores XLA:CPU's in-process collectives
-# of this program have deadlocked, or aborted the process, in 2 of 3 full runs; alone it passes in ~75 s.
-# Run it with `pytest -m xla_cpu_hang tests/test_context.py`. Tracked in issue #11.
 @pytest.mark.slow
-@pytest.mark.xla_cpu_hang
 @pytest.mark.parametrize("sizes", MESHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_whole_model_over_context_equals_one_device(whole_model, sizes):
   c, model, batch, (loss_1, out_1, grads_1) = whole_model
