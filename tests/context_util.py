@@ -138,10 +138,26 @@ def check_collective_threads(hlo_text: str, devices: int) -> None:
                        f"above that before JAX starts")
 
 
+def perturbed(model, rel: float = 1e-7, seed: int = 1):
+  """A copy of `model` whose float parameters are scaled by (1 + rel·N(0, 1)): noise of fp32 rounding
+  size, to measure how many digits a gradient keeps in fp32."""
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(seed)
+
+  def jitter(v):
+    a = np.asarray(v)
+    if not np.issubdtype(a.dtype, np.floating):
+      return v
+    return (a * (1 + rel * rng.standard_normal(a.shape))).astype(a.dtype)
+
+  return nnx.merge(graphdef, jax.tree_util.tree_map(jitter, state))
+
+
 def sharded_step(config, model, batch: dict, mesh_sizes: dict, devices=None, eta: float = 1.0,
-                 ce_chunk: int = 64):
+                 ce_chunk: int = 64, rerun=()):
   """(loss, aux outputs, grads) of the whole model, all fetched to host, under a mesh of `mesh_sizes`
-  (context included); the jitted function is returned too for cost analysis."""
+  (context included); the compiled function is returned too for cost analysis, and timings. Models in
+  `rerun` (same structure) go through the same executable; their results are under info["rerun"]."""
   sizes = {**dict(data=1, fsdp=1, context=1, tensor=1), **mesh_sizes}
   devices = devices or jax.devices()[:int(np.prod(list(sizes.values())))]
   mesh = make_mesh(sizes, devices)
@@ -162,5 +178,8 @@ def sharded_step(config, model, batch: dict, mesh_sizes: dict, devices=None, eta
       check_collective_threads(compiled.as_text(), len(devices))
     t1 = time.perf_counter()
     loss, aux, grads = jax.block_until_ready(compiled(state, arrays))
-    timing = dict(compile_s=t1 - t0, run_s=time.perf_counter() - t1)
-    return jax.device_get((loss, aux, grads)), compiled, timing
+    info = dict(compile_s=t1 - t0, run_s=time.perf_counter() - t1)
+    if rerun:
+      info["rerun"] = [jax.device_get(compiled(jax.device_put(nnx.split(m)[1], state_shardings(state, mesh)),
+                                               arrays)) for m in rerun]
+    return jax.device_get((loss, aux, grads)), compiled, info
