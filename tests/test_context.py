@@ -5,7 +5,9 @@ and the whole model (vision tower, cubing, resampler, assembly, decoder, loss, g
 context = 8, (context 4, fsdp 2) and (context 2, tensor 2, data 2) equal one device for F = 60 valid
 frames in a bucket of 64 (the last shard holds the 4 padded frames; cubes straddle shard borders); the
 reference's per-chunk cubing (SPEC §11.15) differs; KV-cache greedy generation with context 4 equals
-context 1 token for token."""
+context 1 token for token. The whole-model gradients are held to 1e-5 except where the unsharded fp32
+gradient's own noise floor is larger (only the resampler query); the XLA:CPU thread-pool guard that
+keeps the simulated devices' collectives from deadlocking counts what it should (docs/context.md)."""
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +149,7 @@ def test_collective_threads_guard_counts_executors_and_refuses_a_small_pool(monk
                               (x, jnp.int32(0)))
     z, _ = jax.lax.while_loop(lambda c: c[1] < 2, lambda c: (0.5 * jax.lax.pmax(c[0], "context"), c[1] + 1),
                               (y, jnp.int32(0)))
-    return jax.lax.psum(z, "context") + jnp.sum(x) * 0
+    return jax.lax.psum(z, "context")
 
   g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("context"), out_specs=P(), check_vma=False))
   text = g.lower(jnp.arange(8.0)).compile().as_text()
