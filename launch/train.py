@@ -61,6 +61,7 @@ def main(argv):
   if _PLATFORM_DEVICES.value:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={_PLATFORM_DEVICES.value}").strip()
+    os.environ.setdefault("PJRT_NPROC", "256")   # simulated devices' collectives: docs/context.md
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)   # orbax's per-save INFO lines
   initialize_distributed()

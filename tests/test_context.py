@@ -5,7 +5,9 @@ and the whole model (vision tower, cubing, resampler, assembly, decoder, loss, g
 context = 8, (context 4, fsdp 2) and (context 2, tensor 2, data 2) equal one device for F = 60 valid
 frames in a bucket of 64 (the last shard holds the 4 padded frames; cubes straddle shard borders); the
 reference's per-chunk cubing (SPEC §11.15) differs; KV-cache greedy generation with context 4 equals
-context 1 token for token."""
+context 1 token for token. The whole-model gradients are held to 1e-5 except where the unsharded fp32
+gradient's own noise floor is larger (only the resampler query); the XLA:CPU thread-pool guard that
+keeps the simulated devices' collectives from deadlocking counts what it should (docs/context.md)."""
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,9 @@ from qv_jax.model.generate import generate
 from qv_jax.parallel.context import check_config
 from qv_jax.parallel.context_cubing import chunked_reference_boundaries
 from qv_jax.sharding import axis_rules, data_sharding, logical_to_pspec, make_mesh, state_shardings
-from context_util import long_video_batch, long_video_config, make_model, sharded_step
+import context_util
+from context_util import (collective_executors, long_video_batch, long_video_config, make_model, perturbed,
+                          sharded_step)
 
 MESHES = [dict(context=8), dict(context=4, fsdp=2), dict(context=2, tensor=2, data=2)]
 
@@ -32,21 +36,29 @@ def _sizes(**kw):
   return {**dict(data=1, fsdp=1, context=1, tensor=1), **kw}
 
 
-def assert_grads_close(got, want, rtol=1e-5, loose=(), loose_rtol=1e-4):
-  """Per parameter ‖got − want‖ ≤ rtol·max(‖want‖, 1e-4·‖all of want‖): relative, except for gradients
+def relative_errors(got, want) -> dict:
+  """Per parameter path ‖got − want‖ / max(‖want‖, 1e-4·‖all of want‖): relative, except for gradients
   that are zero in exact arithmetic (attention key biases), whose rounding noise is measured against the
-  whole gradient's scale. Parameters whose path contains a name in `loose` get `loose_rtol`."""
+  whole gradient's scale."""
   flat_want = jax.tree_util.tree_flatten_with_path(want)[0]
   flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
   total = np.sqrt(sum(float(np.sum(np.square(np.asarray(w, np.float64)))) for _, w in flat_want))
   assert total > 0
+  out = {}
   for path, w in flat_want:
     w = np.asarray(w, np.float64)
-    g = np.asarray(flat_got[path], np.float64)
-    err = np.linalg.norm(g - w)
-    tol = loose_rtol if any(name in jax.tree_util.keystr(path) for name in loose) else rtol
-    assert err <= tol * max(np.linalg.norm(w), 1e-4 * total), (jax.tree_util.keystr(path), err,
-                                                                 np.linalg.norm(w))
+    err = np.linalg.norm(np.asarray(flat_got[path], np.float64) - w)
+    out[jax.tree_util.keystr(path)] = err / max(np.linalg.norm(w), 1e-4 * total)
+  return out
+
+
+def assert_grads_close(got, want, rtol=1e-5, noise=None):
+  """Every gradient within `rtol` (relative_errors), except one whose own fp32 noise floor `noise[path]`
+  (relative change of the unsharded gradient under 1e-7 relative parameter noise) exceeds rtol: no two
+  differently rounded fp32 runs can agree better than that floor, so it is held to 2× the floor."""
+  for path, err in relative_errors(got, want).items():
+    tol = 2 * noise[path] if noise and noise[path] > rtol else rtol
+    assert err <= tol, (path, err, tol)
 
 
 def test_context_axis_rules_and_a_batch_of_one():
@@ -127,33 +139,64 @@ def test_reference_style_chunked_cubing_differs(compressor):
   assert np.abs(np.asarray(thumb) - exact_thumb).max() > 1e-3
 
 
+def test_collective_threads_guard_counts_executors_and_refuses_a_small_pool(monkeypatch):
+  """The XLA:CPU deadlock of #11: each simulated device blocks a pool thread per executor (entry, loop
+  bodies) with a collective in flight; the guard counts those executors and refuses too small a pool."""
+  mesh = make_mesh(_sizes(context=8))
+
+  def f(x):
+    y, _ = jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] + jax.lax.psum(c[0], "context"), c[1] + 1),
+                              (x, jnp.int32(0)))
+    z, _ = jax.lax.while_loop(lambda c: c[1] < 2, lambda c: (0.5 * jax.lax.pmax(c[0], "context"), c[1] + 1),
+                              (y, jnp.int32(0)))
+    return jax.lax.psum(z, "context")
+
+  g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("context"), out_specs=P(), check_vma=False))
+  text = g.lower(jnp.arange(8.0)).compile().as_text()
+  assert collective_executors(text) == 3                      # the entry and both loop bodies
+  assert context_util.xla_cpu_pool_threads() == 256           # tests/conftest.py's PJRT_NPROC
+  context_util.check_collective_threads(text, 8)
+  c = np.arange(8.0)
+  for _ in range(3):
+    c = c + c.sum()
+  np.testing.assert_allclose(np.asarray(g(jnp.arange(8.0))), [8 * 0.25 * c.max()])
+  monkeypatch.setattr(context_util, "xla_cpu_pool_threads", lambda: 8)   # XLA's default on 2 cores
+  with pytest.raises(RuntimeError, match="PJRT_NPROC"):
+    context_util.check_collective_threads(text, 8)
+
+
 @pytest.fixture(scope="module")
 def whole_model():
   c = long_video_config()
   model = make_model(c)
   batch = long_video_batch(c, 60)
-  single, _, _ = sharded_step(c, model, batch, {}, [jax.devices()[0]])
-  return c, model, batch, single
+  single, _, info = sharded_step(c, model, batch, {}, [jax.devices()[0]], rerun=[perturbed(model)])
+  noise = relative_errors(info["rerun"][0][2], single[2])
+  return c, model, batch, single, noise
 
 
-# Excluded from CI (launch/test.sh deselects the marker): on 2 loaded cores XLA:CPU's in-process collectives
-# of this program have deadlocked, or aborted the process, in 2 of 3 full runs; alone it passes in ~75 s.
-# Run it with `pytest -m xla_cpu_hang tests/test_context.py`. Tracked in issue #11.
 @pytest.mark.slow
-@pytest.mark.xla_cpu_hang
+def test_fp32_noise_floor_of_the_whole_model_gradients(whole_model):
+  """1e-7 relative noise on the parameters (fp32 rounding size) moves every gradient of the unsharded
+  step by < 1e-5 relative, except the resampler query's (≈ 6e-5): at the zero-initialised query its
+  gradient is LN_q's backward (γ/√ε)·(g − mean_D g), a cancelling difference, while LN_q's bias gradient
+  Σ_q g (same g, no centring) keeps < 1e-5. That, not the sharding, is why the query gradient alone
+  cannot meet 1e-5 between two differently rounded fp32 runs."""
+  noise = whole_model[4]
+  worst = max(noise, key=noise.get)
+  assert "['resampler']['query']" in worst and 2e-5 < noise[worst] < 1e-3, (worst, noise[worst])
+  assert sorted(noise.values())[-2] < 1e-5
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sizes", MESHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_whole_model_over_context_equals_one_device(whole_model, sizes):
-  c, model, batch, (loss_1, out_1, grads_1) = whole_model
+  c, model, batch, (loss_1, out_1, grads_1), noise = whole_model
   (loss, out, grads), _, _ = sharded_step(c, model, batch, sizes)
   np.testing.assert_array_equal(out["boundary"], out_1["boundary"])
   np.testing.assert_array_equal(out["cube_ids"], out_1["cube_ids"])
   np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
-  # The resampler's query-side gradients (query, LN_q, q_proj) are sums over every cube token of
-  # softmax gradients that cancel, behind LN_q of the zero-initialised query (×1/√ε): the ~1e-7
-  # differences of the upstream features / decoder gradient grow to ~6e-5 there. Given identical
-  # inputs the context resampler's own backward agrees to 1e-5 (test_compressor_over_context...).
-  assert_grads_close(grads, grads_1, loose=("['resampler']['query']", "['resampler']['ln_q']",
-                                            "['resampler']['q_proj']"))
+  assert_grads_close(grads, grads_1, noise=noise)
 
 
 def test_greedy_generation_with_context_4_equals_context_1():

@@ -115,6 +115,7 @@ def main(argv=None, answer_fn=None) -> int:
     import os
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+    os.environ.setdefault("PJRT_NPROC", "256")   # simulated devices' collectives: docs/context.md
   try:
     distributed.initialize(args.distributed, args.coordinator, args.num_processes, args.process_id)
     import jax
