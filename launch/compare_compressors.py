@@ -44,7 +44,7 @@ import time
 import types
 
 KINDS = ("cubing", "uniform", "score_gating", "question_select")
-BUDGETS = (4, 8, 12, 16, 24, 36)
+BUDGETS = (8, 12, 16, 24)
 TRAIN_BUDGET = {"cubing": 16, "uniform": 16, "score_gating": 16, "question_select": 8}
 SHARED_STEPS = (150, 150)
 SHARED_LR = (3e-3, 1e-3)
@@ -56,11 +56,11 @@ SCORE_ROLLOUTS = 4
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="runs/compare")
-  p.add_argument("--videos", type=int, default=600, help="training videos")
+  p.add_argument("--videos", type=int, default=480, help="training videos")
   p.add_argument("--val-videos", type=int, default=48, help="held-out videos (a multiple of --batch)")
   p.add_argument("--shared-steps", default=",".join(map(str, SHARED_STEPS)), help="steps of stages 1,2")
   p.add_argument("--stage3-steps", type=int, default=400, help="stage-3 steps of every kind")
-  p.add_argument("--policy-steps", type=int, default=100, help="score_gating policy RL steps")
+  p.add_argument("--policy-steps", type=int, default=60, help="score_gating policy RL steps")
   p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="visual-token budgets B")
   p.add_argument("--kinds", default=",".join(KINDS))
   p.add_argument("--batch", type=int, default=8)
