@@ -84,7 +84,6 @@ def compute_timeline(model, video: Video, *, num_frames: int | None = 420, fps: 
   cubes = cubes_of(boundary, probs, timestamps)
   return {
       **head,
-      "timestamps": [float(t) for t in timestamps],
       "frames_per_cube": fpq,
       "k": gumbel.num_cubes(n, fpq) - 1,
       "num_cubes": len(cubes),
