@@ -59,8 +59,8 @@ def parse_args(argv=None):
   p.add_argument("--videos", type=int, default=480, help="training videos")
   p.add_argument("--val-videos", type=int, default=48, help="held-out videos (a multiple of --batch)")
   p.add_argument("--shared-steps", default=",".join(map(str, SHARED_STEPS)), help="steps of stages 1,2")
-  p.add_argument("--stage3-steps", type=int, default=400, help="stage-3 steps of every kind")
-  p.add_argument("--policy-steps", type=int, default=60, help="score_gating policy RL steps")
+  p.add_argument("--stage3-steps", type=int, default=250, help="stage-3 steps of every kind")
+  p.add_argument("--policy-steps", type=int, default=40, help="score_gating policy RL steps")
   p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="visual-token budgets B")
   p.add_argument("--kinds", default=",".join(KINDS))
   p.add_argument("--batch", type=int, default=8)
@@ -71,7 +71,7 @@ def parse_args(argv=None):
   p.add_argument("--quick", action="store_true", help="a tiny run for tests: few videos, steps, budgets")
   args = p.parse_args(argv)
   if args.quick:
-    args.videos, args.val_videos, args.batch, args.workers = 8, 4, 4, 0
+    args.videos, args.val_videos, args.batch, args.workers = 6, 3, 3, 0   # odd batch: one device
     args.shared_steps, args.stage3_steps, args.policy_steps, args.repeats = "1,1", 2, 1, 1
     args.budgets = "8,16"
   args.shared_steps = [int(s) for s in args.shared_steps.split(",")]
