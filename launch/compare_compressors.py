@@ -1,7 +1,7 @@
 """The compressor kinds compared on the CPU demo's procedural scene videos at equal visual-token budgets:
 cubing vs uniform vs score_gating vs question_select.
 
-  python -m launch.compare_compressors --out runs/compare          # ~20 min on 2 loaded cores
+  python -m launch.compare_compressors --out runs/compare          # 54 min on 2 heavily shared cores
   python -m launch.compare_compressors --out runs/compare_q --quick   # a tiny run for the test
 
 Phases (each reuses its output when it exists, so a rerun resumes):
