@@ -1,7 +1,7 @@
 """Compressor kinds side by side on one random-weight model and one synthetic batch, printed as JSON
 (one object per kind): the merged prompt length (text + visual tokens), compressor + assembly time, decoder
-prefill time and matmul FLOPs at that length. No accuracy: the weights are random (the demo-data accuracy
-comparison is not built yet). Budgets are set equal to cubing's bound (thumbnail + Kmax·Q tokens): score_gating
+prefill time and matmul FLOPs at that length. No accuracy: the weights are random (trained accuracy on the
+demo data: `launch.compare_compressors`). Budgets are set equal to cubing's bound (thumbnail + Kmax·Q tokens): score_gating
 keeps that many tokens, question_select keeps that many frames' worth of cubes.
 
   python benchmarks/compressors.py --quick      # tiny, bucket 16

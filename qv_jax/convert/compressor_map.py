@@ -1,4 +1,9 @@
-"""Name mapping from the reference compressor (cubing + vision_resampler) to `Compressor` params.
+"""Name mapping from the reference compressor (cubing + vision_resampler) to the compressor's params.
+
+The table is keyed to `Compressor` (the `cubing` kind); every registry kind keeps that tree under
+`compressor/`, and params a kind adds (`score_gating`'s `policy/...`) have no reference source: they are
+`kind_only_shapes`, written from the kind's initialisation (`initialised_params`) and reported as
+"initialised, not in the checkpoint".
 
 Sources are the reference state-dict names without the leading `model.` (SPEC §8); targets are paths
 relative to the Compressor module (`compressor/...` in the whole model, via `with_prefix`). Linear
@@ -45,14 +50,45 @@ COMPRESSOR_TABLE = (
 COMPRESSOR_IGNORE = (r"vision_resampler\.pos_embed",)
 
 
-def compressor_param_shapes(model_config) -> dict[str, tuple[int, ...]]:
-  """{path: shape} of every param of `Compressor(model_config)` (abstract; nothing is allocated)."""
+def compressor_param_shapes(model_config, kind: str | None = None) -> dict[str, tuple[int, ...]]:
+  """{path: shape} of every param of the compressor of `kind` (default: `model_config.compressor.kind`)
+  (abstract; nothing is allocated)."""
   from flax import nnx
 
   from qv_jax.convert.mapping import state_paths
-  from qv_jax.model.compressor import Compressor
-  abstract = nnx.eval_shape(lambda: Compressor(model_config, rngs=nnx.Rngs(0)))
-  return state_paths(nnx.state(abstract))
+  from qv_jax.model.compressors.registry import compressor_class, compressor_kind
+  cls = compressor_class(kind or compressor_kind(model_config.compressor))
+  return state_paths(nnx.state(nnx.eval_shape(lambda: cls(model_config, rngs=nnx.Rngs(0)))))
+
+
+def reference_shapes(model_config) -> dict[str, tuple[int, ...]]:
+  """The compressor params a reference checkpoint provides: those of `Compressor` (the table's keys)."""
+  return compressor_param_shapes(model_config, "cubing")
+
+
+def kind_only_shapes(model_config) -> dict[str, tuple[int, ...]]:
+  """{path: shape} of the params the configured kind adds to `Compressor` (no reference source)."""
+  ref = reference_shapes(model_config)
+  return {p: s for p, s in compressor_param_shapes(model_config).items() if p not in ref}
+
+
+def initialised_params(model_config, seed: int = 0) -> dict[str, np.ndarray]:
+  """{path: array} of `kind_only_shapes` at the kind's initialisation (`nnx.Rngs(seed)`); jitted, so the
+  params the reference provides are never materialised."""
+  import jax
+  from flax import nnx
+
+  from qv_jax.convert.writer import flatten
+  from qv_jax.model.compressors.registry import build_compressor
+  paths = sorted(kind_only_shapes(model_config))
+  if not paths:
+    return {}
+
+  @jax.jit
+  def init():
+    flat = flatten(nnx.to_pure_dict(nnx.state(build_compressor(model_config, rngs=nnx.Rngs(seed)))))
+    return {p: flat[p] for p in paths}
+  return {p: np.asarray(v) for p, v in init().items()}
 
 
 def _config_from_tensors(names: Mapping[str, str], tensors: Mapping[str, np.ndarray]):
@@ -74,10 +110,11 @@ def convert_compressor(tensors: Mapping[str, np.ndarray], model_config=None) -> 
   """Reference compressor tensors (names with or without the leading `model.`, PyTorch layouts) ->
   {Compressor param path: np.ndarray}. Expected shapes come from `Compressor(model_config)` (config.model)
   or, without it, from dims read off the tensors (Dv, D from kv_proj, Q from query). Raises MappingError
-  listing every missing, extra or mis-shaped tensor."""
+  listing every missing, extra or mis-shaped tensor. The configured kind's own params
+  (`kind_only_shapes`) are not returned: `initialised_params` makes them."""
   names = {(n[len("model."):] if n.startswith("model.") else n): n for n in tensors}
   if model_config is None:
     model_config = _config_from_tensors(names, tensors)
   out, _ = apply_table(COMPRESSOR_TABLE, list(names), lambda n: np.asarray(tensors[names[n]]),
-                       expected=compressor_param_shapes(model_config), ignore=COMPRESSOR_IGNORE)
+                       expected=reference_shapes(model_config), ignore=COMPRESSOR_IGNORE)
   return out

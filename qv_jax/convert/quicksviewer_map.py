@@ -96,15 +96,16 @@ def layout_table(layout: str, model_config) -> tuple[list[Rule], list[str]]:
 
 
 def expected_shapes(layout: str, model_config) -> dict[str, tuple[int, ...]]:
-  """{whole-model param path: shape} of the parts the layout holds, built abstractly."""
+  """{whole-model param path: shape} of the parts the layout holds, built abstractly (of the compressor:
+  the params a reference checkpoint provides, `compressor_map.reference_shapes`)."""
   _check_layout(layout)
   parts = LAYOUT_PARTS[layout]
   out = {}
   if "vision_tower" in parts:
     out.update({f"vision_tower/{p}": s for p, s in expected_vision_shapes(model_config).items()})
   if "compressor" in parts:
-    from qv_jax.convert.compressor_map import compressor_param_shapes
-    out.update({f"compressor/{p}": s for p, s in compressor_param_shapes(model_config).items()})
+    from qv_jax.convert.compressor_map import reference_shapes
+    out.update({f"compressor/{p}": s for p, s in reference_shapes(model_config).items()})
   if "decoder" in parts:
     from qv_jax.convert.decoder_map import expected_decoder_shapes
     out.update({f"decoder/{p}": s for p, s in expected_decoder_shapes(model_config).items()})
@@ -200,10 +201,15 @@ class ConversionReport:
   params: dict[str, tuple[tuple[int, ...], str]]
   source_bytes: int
   seconds: float
+  initialised: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
   def summary(self) -> str:
-    return (f"{self.layout}: mapped {len(self.mapped)} source tensors to {len(self.params)} params, "
+    text = (f"{self.layout}: mapped {len(self.mapped)} source tensors to {len(self.params)} params, "
             f"ignored {len(self.ignored)}, read {self.source_bytes / 2**20:.1f} MiB in {self.seconds:.1f} s")
+    if self.initialised:
+      text += (f"; {len(self.initialised)} params initialised, not in the checkpoint: "
+               + ", ".join(sorted(self.initialised)))
+    return text
 
 
 @dataclasses.dataclass
@@ -281,7 +287,9 @@ def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.n
                     resize_vocab: bool = False, dtype: Any = None, progress: bool = True
                     ) -> ConversionReport:
   """Streams `reader`'s tensors (a `SafetensorsReader` or anything with names/shape/dtype/nbytes/load)
-  into `sink(path, array)`, one whole-model target param at a time.
+  into `sink(path, array)`, one whole-model target param at a time. For a layout holding the compressor,
+  the params the configured `compressor.kind` adds (no reference source, e.g. `score_gating`'s policy)
+  are then written from their initialisation and listed in the report's `initialised`.
 
   resize_vocab: resize `model.embed_tokens.weight` / `lm_head.weight` rows to the config's vocab_size
   (`resize_vocab_rows`) when they differ. dtype: cast every param (None keeps the source dtype).
@@ -361,5 +369,11 @@ def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.n
   from tqdm.auto import tqdm
   with tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {layout}", disable=not progress) as bar:
     mapped = build_all(load, write, dtype)
+  initialised = {}
+  if "compressor" in LAYOUT_PARTS[layout]:
+    from qv_jax.convert.compressor_map import initialised_params
+    for path, value in initialised_params(model_config).items():
+      write(f"compressor/{path}", value if dtype is None else value.astype(dtype))
+      initialised[f"compressor/{path}"] = tuple(value.shape)
   return ConversionReport(layout=layout, mapped=mapped, ignored=ignored, params=params, source_bytes=total,
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start, initialised=initialised)

@@ -2,11 +2,13 @@
 
   qv-timeline VIDEO --checkpoint DIR --out DIR [--uniform]
 
-Runs the vision tower and the cubing network at η = 0 (no decoder) and writes OUT/timeline.json (cubes
+Runs the vision tower and the compressor at η = 0 (no decoder) and writes OUT/timeline.json (cubes
 with frames, seconds and boundary probabilities; k = max(round(N/5) - 1, 1); every transition's
 probability; the uniform partition's starts) and OUT/timeline.png (frames along a time axis, each cube a
 coloured span labelled with its start time, the boundary probability curve under it; with --uniform the
-uniform partition dashed for comparison). Errors are one line on stderr, exit code 2.
+uniform partition dashed for comparison). A `score_gating` model shows the tokens its top-K keeps in each
+frame instead of cubes; a `question_select` model is refused (its frames depend on a question). Errors are
+one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ def main(argv=None) -> int:
     return fail("qv-timeline", e)
   except ValueError as e:
     return fail("qv-timeline", e)
-  print(json.dumps({"out": os.path.abspath(args.out), "num_frames": timeline["num_frames"],
-                    "num_cubes": timeline["num_cubes"],
-                    "cube_starts_sec": [c["start_sec"] for c in timeline["cubes"]]}))
+  summary = {"out": os.path.abspath(args.out), "kind": timeline["kind"], "num_frames": timeline["num_frames"]}
+  if "kept_tokens" in timeline:
+    summary.update(kept_tokens=timeline["kept_tokens"], budget_tokens=timeline["budget_tokens"])
+  else:
+    summary.update(num_cubes=timeline["num_cubes"], cube_starts_sec=[c["start_sec"] for c in timeline["cubes"]])
+  print(json.dumps(summary))
   return 0
 
 

@@ -99,7 +99,8 @@ def make_score_train_step(graphdef, config, tx: optax.GradientTransformation):
     stats = dict(ce=(ce_g.mean(0) * is_video).sum() / videos, ce_reference=(ce_ref * is_video).sum() / videos,
                  keep_rate=((1.0 - sparsity).mean(0) * is_video).sum() / videos,
                  safe_rate=((delta > 0).mean(0) * is_video).sum() / videos,
-                 sample_ce=ce_ref, merged_tokens=merged.mask.sum(), truncated=merged.truncated.sum())
+                 sample_ce=ce_ref, merged_tokens=merged.mask.sum(), decoder_slots=jnp.asarray(merged.mask.size, jnp.float32),
+                 truncated=merged.truncated.sum())
     return loss, stats
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -113,6 +114,7 @@ def make_score_train_step(graphdef, config, tx: optax.GradientTransformation):
         loss=loss, ce=stats["ce"], aux=jnp.zeros((), jnp.float32), eta=jnp.zeros((), jnp.float32),
         learning_rate=lr_schedule(state.step), grad_norm=optax.tree.norm(grads),
         supervised_tokens=supervised_count(batch["labels"]).sum(), merged_tokens=stats["merged_tokens"],
+        padding_fraction=1.0 - stats["merged_tokens"] / stats["decoder_slots"],
         truncated_tokens=stats["truncated"], cube_length_hist=jnp.zeros((max_frames + 1,), jnp.int32),
         sample_ce=stats["sample_ce"], sample_id=batch["sample_id"], keep_rate=stats["keep_rate"],
         safe_rate=stats["safe_rate"], ce_reference=stats["ce_reference"])
