@@ -215,3 +215,36 @@ def test_cli_bad_input_is_one_line_before_compiling(args, expected, tmp_path):
   lines = [l for l in out.stderr.splitlines() if l.startswith("launch.plan:")]
   assert len(lines) == 1 and expected in lines[0], out.stderr[-2000:]
   assert "Traceback" not in out.stderr
+
+
+def _packed_sample(sid: int, num_frames: int, length: int, bound: int, size: int) -> dict:
+  return dict(frames=np.zeros((num_frames, size, size, 3), np.uint8), timestamps=np.zeros(num_frames, np.float32),
+              input_ids=np.ones(length, np.int32), labels=np.ones(length, np.int32),
+              token_frame=np.full(length, -1, np.int32), modality=1, sample_id=sid, merged_bound=bound)
+
+
+def test_abstract_packed_batch_equals_the_collators_packed_batch():
+  from configs.quicksviewer import get_config
+  from data_pipeline.packing import PackedCollator
+  from qv_jax.batch import BATCH_KEYS, PACKED_KEYS
+  from qv_jax.plan.train_plan import apply_overrides
+  from qv_jax.sharding import make_mesh
+  from qv_jax.train.compile import abstract_batch
+  c = get_config("size=tiny,stage=3")
+  apply_overrides(c, batch=4, frames=8, mesh_shape=(2, 2, 2))
+  mesh = make_mesh(c.mesh)
+  assert tuple(abstract_batch(c, mesh)) == BATCH_KEYS
+  apply_overrides(c, pack=3, seq_len=96)
+  assert tuple(c.data.seq_buckets) == (96,) and c.data.pack_samples == 3
+  collate = PackedCollator(image_size=c.data.image_size, max_text_len=c.data.max_text_len, frame_buckets=(8,),
+                           seq_buckets=(48, 96), slots=3, pad_id=0, normalize_on_host=False)
+  s = c.data.image_size
+  rows = [[_packed_sample(3 * i + j, 5 + j, 20, 30, s) for j in range(3 - i % 2)] for i in range(4)]
+  real = collate(rows)
+  abstract = abstract_batch(c, mesh)
+  assert tuple(abstract) == tuple(real) == PACKED_KEYS
+  assert {k: (v.shape, v.dtype) for k, v in abstract.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
+  assert abstract["frames"].shape == (4, 3, 8, s, s, 3) and abstract["segment_ids"].shape == (4, 96)
+  for k, v in abstract.items():
+    assert v.sharding.spec[0] == ("data", "fsdp"), k
+  assert abstract_batch(c, mesh, seq_len=48)["segment_ids"].shape == (4, 48)
