@@ -91,11 +91,20 @@ def _slice_mesh_shape(mesh, num_slices: int) -> tuple[int, ...]:
   return (shape[0] // num_slices,) + shape[1:]
 
 
+def loading_hosts(target: Target, mesh) -> int:
+  """Hosts that load distinct samples. With the context axis a sample spans several hosts; the compiled
+  step is the same whichever host feeds it, so the batch need only split over data x fsdp groups (the
+  trainer's loader still asks batch % hosts == 0: docs/planner.md)."""
+  if mesh.shape.get("context", 1) > 1:
+    return min(target.num_hosts, mesh.shape["data"] * mesh.shape["fsdp"])
+  return target.num_hosts
+
+
 def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
   """Checks the config against the target (one line on error), then compiles abstractly."""
   mesh = target_mesh(target, mesh_shape)
   apply_overrides(config, mesh_shape=tuple(mesh.shape.values()))
-  check_config(config, mesh, process_count=target.num_hosts)
+  check_config(config, mesh, process_count=loading_hosts(target, mesh))
   rules = config.sharding_rules
   t0 = time.perf_counter()
   abstract, spec = train_state_spec(config, mesh, rules)
