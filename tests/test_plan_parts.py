@@ -248,3 +248,12 @@ def test_abstract_packed_batch_equals_the_collators_packed_batch():
   for k, v in abstract.items():
     assert v.sharding.spec[0] == ("data", "fsdp"), k
   assert abstract_batch(c, mesh, seq_len=48)["segment_ids"].shape == (4, 48)
+
+
+def test_jaxpr_flops_count_every_device_of_a_shard_map():
+  from jax.sharding import Mesh
+  from qv_jax.train.flops import matmul_flops
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
+  x, w = jax.ShapeDtypeStruct((64, 16), jnp.float32), jax.ShapeDtypeStruct((16, 4), jnp.float32)
+  sm = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P(("a", "b")), P()), out_specs=P(("a", "b")))
+  assert matmul_flops(sm, x, w) == matmul_flops(lambda x, w: x @ w, x, w) == 2 * 64 * 16 * 4
