@@ -207,6 +207,7 @@ def test_without_libtpu_the_message_says_how_to_install(monkeypatch):
     (["--topology", "v5e:2x2", "--mesh", "1,4,1", "--batch", "6"], "global batch 6 does not split"),
     (["--topology", "tpu9:2x2"], "--topology"),
     (["--topology", "v5e:4x4", "--mesh", "1,2,8", "--batch", "2"], "does not split over the 4 hosts of v5e:4x4"),
+    (["--topology", "v5e:2x2", "--step", "prefill", "--pack", "2"], "--pack`: 2: packed rows take"),
 ])
 def test_cli_bad_input_is_one_line_before_compiling(args, expected, tmp_path):
   out = subprocess.run([sys.executable, "-m", "launch.plan", "--config", "configs/quicksviewer.py:size=tiny,stage=3",
