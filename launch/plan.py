@@ -67,6 +67,8 @@ def parse_args(argv=None):
   p.add_argument("--frames", type=int, default=None, help="frames per video (default: the config's bucket)")
   p.add_argument("--remat", default=None, help="vision remat true|false (default: the config's)")
   p.add_argument("--frame-chunk", type=int, default=None, help="vision frame_chunk (default: the config's)")
+  p.add_argument("--gather-once", action="store_true",
+                 help="model.vision.gather_once: FSDP vision weights gathered once per step (docs/planner.md)")
   p.add_argument("--pack", type=int, default=None,
                  help="packed layout (docs/packing.md) with P samples per decoder row (1: sequence buckets only)")
   p.add_argument("--seq-len", type=int, default=None,
@@ -123,7 +125,7 @@ def jobs_from(args, config) -> list[dict]:
     for mesh, remat, chunk in itertools.product(meshes, remats, chunks):
       out.append(dict(topology=topo, num_slices=args.num_slices, mesh=list(mesh), batch=batch,
                       frames=args.frames, remat=remat, frame_chunk=chunk, step=args.step,
-                      pack=args.pack, seq_len=args.seq_len,
+                      pack=args.pack, seq_len=args.seq_len, gather_once=args.gather_once,
                       new_tokens=args.new_tokens,
                       param_dtype=args.param_dtype or ("bfloat16" if infer else None)))
   return out
@@ -140,6 +142,8 @@ def run_one(config_spec: str, job: dict, cache_dir: str) -> dict:
     config = apply_overrides(load_config(config_spec), batch=job["batch"], frames=job["frames"],
                              remat=job["remat"], frame_chunk=job["frame_chunk"], pack=job.get("pack"),
                              seq_len=job.get("seq_len"))
+    if job.get("gather_once"):
+      config.model.vision.gather_once = True
     if job.get("param_dtype"):
       config.model.param_dtype = job["param_dtype"]
     target = load_target(job["topology"], job["num_slices"])

@@ -34,10 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-from qv_jax.layers import Dense, LayerNorm
 from jax.sharding import PartitionSpec
 
+from qv_jax.layers import Dense, LayerNorm
 from qv_jax.sharding import _variable_pspec, axis_rules, constrain, logical_to_pspec, param
 
 _LAYER_AXES = {nnx.PARTITION_NAME: "layers", "logical_axes": "layers"}
@@ -245,9 +244,9 @@ def _weights_gathered_once(loop, state, chunks: jax.Array) -> jax.Array:
   """`loop(state, chunks [n, B, ...]) -> [n, B, ...]`, run per batch shard with the tower's weights
   all-gathered once before the chunk loop (and their gradients reduce-scattered once after it).
 
-  Under plain SPMD, XLA re-gathers FSDP-sharded weights in every chunk x layer iteration (on TPU as
-  collective-permute rings: 273k permutes, 287 GB per chip per step at the released size, docs/planner.md)
-  and reduce-scatters their gradients per iteration. Used when the weights are sharded only over the
+  Under plain SPMD, XLA re-gathers FSDP-sharded weights in every chunk x layer iteration (on TPU partly as
+  collective-permute rings, docs/planner.md) and reduces their gradients per iteration. Costs the whole
+  tower's weights and gradients per chip. Used when the weights are sharded only over the
   batch's mesh axes (data/fsdp/context: tensor-sharded weights keep the SPMD path); the values are the same."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or mesh.manual_axes:
