@@ -67,6 +67,12 @@ def parse_args(argv=None):
   p.add_argument("--frames", type=int, default=None, help="frames per video (default: the config's bucket)")
   p.add_argument("--remat", default=None, help="vision remat true|false (default: the config's)")
   p.add_argument("--frame-chunk", type=int, default=None, help="vision frame_chunk (default: the config's)")
+  p.add_argument("--gather-once", action="store_true",
+                 help="model.vision.gather_once: FSDP vision weights gathered once per step (docs/planner.md)")
+  p.add_argument("--pack", type=int, default=None,
+                 help="packed layout (docs/packing.md) with P samples per decoder row (1: sequence buckets only)")
+  p.add_argument("--seq-len", type=int, default=None,
+                 help="decoder length: the sequence bucket with --pack, else data.max_seq_len")
   p.add_argument("--sweep", default="", help=f"comma-separated subset of {SWEEP_DIMS}")
   p.add_argument("--frame-chunks", default="8,16,32", help="frame_chunk values a sweep tries")
   p.add_argument("--max-candidates", type=int, default=6, help="meshes tried per target by --mesh auto/sweep")
@@ -91,6 +97,10 @@ def jobs_from(args, config) -> list[dict]:
     raise ConfigError("--sweep", f"unknown {bad}; expected a subset of {SWEEP_DIMS}")
   from qv_jax.plan.candidates import mesh_candidates
   infer = args.step != "train"
+  if args.pack is not None and (infer or args.pack < 1):
+    raise ConfigError("--pack", f"{args.pack}: packed rows take P >= 1 samples and only --step train")
+  if args.seq_len is not None and args.seq_len < 1:
+    raise ConfigError("--seq-len", f"must be positive, got {args.seq_len}")
   batch = int(args.batch or (1 if infer else config.data.batch_size))
   remats = [True, False] if "remat" in sweep else [None if args.remat is None else _bool(args.remat)]
   chunks = (list(_ints(args.frame_chunks, "--frame-chunks")) if "frame_chunk" in sweep
@@ -115,6 +125,7 @@ def jobs_from(args, config) -> list[dict]:
     for mesh, remat, chunk in itertools.product(meshes, remats, chunks):
       out.append(dict(topology=topo, num_slices=args.num_slices, mesh=list(mesh), batch=batch,
                       frames=args.frames, remat=remat, frame_chunk=chunk, step=args.step,
+                      pack=args.pack, seq_len=args.seq_len, gather_once=args.gather_once,
                       new_tokens=args.new_tokens,
                       param_dtype=args.param_dtype or ("bfloat16" if infer else None)))
   return out
@@ -129,7 +140,10 @@ def run_one(config_spec: str, job: dict, cache_dir: str) -> dict:
       from qv_jax.train.loop import enable_compilation_cache
       enable_compilation_cache(cache_dir)
     config = apply_overrides(load_config(config_spec), batch=job["batch"], frames=job["frames"],
-                             remat=job["remat"], frame_chunk=job["frame_chunk"])
+                             remat=job["remat"], frame_chunk=job["frame_chunk"], pack=job.get("pack"),
+                             seq_len=job.get("seq_len"))
+    if job.get("gather_once"):
+      config.model.vision.gather_once = True
     if job.get("param_dtype"):
       config.model.param_dtype = job["param_dtype"]
     target = load_target(job["topology"], job["num_slices"])

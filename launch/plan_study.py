@@ -22,6 +22,16 @@ TARGETS = ("v5e:4x4", "v5e:8x8", "v5e:16x16", "v5p:2x2x2", "v5p:2x4x4", "v5p:4x4
            "v6e:2x4", "v6e:8x8", "v6e:16x16")
 COLAB = ("v5e:1x1", "v5e:2x2", "v5e:2x4", "v6e:1x1", "v6e:2x2", "v6e:2x4")   # v5e-1/4/8, v6e-1/4/8
 FRAMES = 420
+# Fixed-mesh rows: one long video spread over chips with the context axis (issue #11: batch 16 cannot
+# split over 128 chips by batch alone; 420 frames divide by context 4), and the packed layout (#15: one
+# 420-frame video per row in a 7168 bucket, the image part of the stage-3 mix in a 2048 bucket).
+EXTRA = (
+    dict(size="qwen2_7b", topology="v5p:4x4x8", batch=16, scaling="context", mesh="1,16,4,2"),
+    dict(size="qwen2_7b", topology="v5e:16x16", batch=16, scaling="context", mesh="1,16,4,4"),
+    dict(size="qwen2_7b", topology="v5p:4x4x4", batch=64, scaling="packed", mesh="1,64,1", pack=1, seq_len=7168),
+    dict(size="qwen2_7b", topology="v5p:4x4x4", batch=64, scaling="packed", mesh="1,64,1", pack=4, seq_len=2048,
+         frames=5),
+)
 STRONG_BATCH = 64
 OUT = "docs/scaling"
 
@@ -43,20 +53,23 @@ def rows() -> list[dict]:
         out.append(dict(size=size, topology=topo, batch=STRONG_BATCH, scaling="strong"))
   for topo in COLAB:
     out.append(dict(size="qwen2_7b", topology=topo, batch=1, scaling="inference", step="prefill"))
-  return out
+  return out + [dict(r) for r in EXTRA]
 
 
 def row_path(r: dict) -> str:
   step = r.get("step", "train")
-  return os.path.join(OUT, f"{r['size']}_{r['topology'].replace(':', '-')}_b{r['batch']}_{step}.json")
+  extra = "".join(f"_{k}{r[k]}" for k in ("pack", "seq_len", "frames") if k in r)
+  extra += f"_m{r['mesh'].replace(',', 'x')}" if "mesh" in r else ""
+  return os.path.join(OUT, f"{r['size']}_{r['topology'].replace(':', '-')}_b{r['batch']}_{step}{extra}.json")
 
 
 def run_row(r: dict, args) -> dict:
   from launch import plan
   argv = ["--config", f"configs/quicksviewer.py:size={r['size']},stage=3", "--topology", r["topology"],
-          "--mesh", "auto", "--batch", str(r["batch"]), "--frames", str(FRAMES),
+          "--mesh", r.get("mesh", "auto"), "--batch", str(r["batch"]), "--frames", str(r.get("frames", FRAMES)),
           "--max-candidates", str(args.max_candidates), "--jobs", str(args.jobs), "--out", "/tmp/qv_plan_study",
           "--step", r.get("step", "train")]
+  argv += [a for k in ("pack", "seq_len") if k in r for a in (f"--{k.replace('_', '-')}", str(r[k]))]
   pargs = plan.parse_args(argv)
   config = plan.load_config(pargs.config)
   t0 = time.perf_counter()
@@ -71,7 +84,7 @@ def run_row(r: dict, args) -> dict:
 
 def _matches(r: dict, spec: str) -> bool:
   parts = spec.split(":")
-  scaling = parts.pop() if parts[-1] in ("weak", "strong", "inference") else None
+  scaling = parts.pop() if parts[-1] in ("weak", "strong", "inference", "context", "packed") else None
   size, target = parts[0], ":".join(parts[1:])
   return (r["size"] == size and r["topology"].startswith(target)
           and (scaling is None or r["scaling"] == scaling))

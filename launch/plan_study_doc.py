@@ -32,11 +32,50 @@ average 12-16, so several times slower than a quiet host).
 """
 
 
+CONTEXT_NOTE = """## Long videos on many chips (the context axis, issue #11) and packed rows (issue #15)
+
+Rows `context`: a global batch of 16 on v5p-128 or v5e-256. A batch-only mesh (data x fsdp = chips) cannot
+run it at all: each chip needs at least one whole sample, so 128 chips need a batch of 128 (`launch.plan`
+refuses `--mesh 1,128,1 --batch 16`: "does not split over data x fsdp"). With `--mesh data,fsdp,context,tensor`
+one 420-frame video spans `context` chips (420 frames divide by 4). The trainer's loader still asks
+`batch % hosts == 0` (16 on the 32 hosts of a v5p-128 does not), so these rows are planned with the hosts that
+load distinct samples (data x fsdp groups); that loader change is still to make. Rows `packed`: the
+packed layout of docs/packing.md (`--pack P --seq-len N`). The FLOP tables below come from traces alone;
+rows marked `to run` had no compile in time. The v5p-128 context row's stored FLOPs predate counting
+`shard_map` bodies once per device (the context resampler): 0.6 % low against the recount below.
+"""
+
+
 def _load(path):
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def _flops_tables(out_dir: str) -> list[str]:
+  """Step FLOPs of `benchmarks/plan_flops.py` runs stored as docs/scaling/*_flops_*.jsonl (trace only)."""
+  lines = []
+  for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+    if not name.endswith(".jsonl") or "_flops_" not in name:
+      continue
+    with open(os.path.join(out_dir, name)) as f:
+      recs = [json.loads(x) for x in f if x.strip()]
+    if not recs:
+      continue
+    r0 = recs[0]
+    lines += ["", f"## Step FLOPs by batch layout: {r0['size']} on {r0['topology']}, mesh "
+                  f"{','.join(map(str, r0['mesh']))} (`{name}`)", "",
+              "The jaxpr matmul count of the exact train step (`python benchmarks/plan_flops.py`; a trace, no "
+              "TPU compile, so no memory or step time). `pad`: one sample per row padded to the length; `packP`: "
+              "the packed layout with P samples per row (docs/packing.md).", "",
+              "| layout | rows x samples/row | frames | decoder length | step FLOPs | FLOPs per sample | vs first |",
+              "|---|---|---|---|---|---|---|"]
+    for r in recs:
+      lines.append(f"| {r['layout']} | {r['rows']} x {r['samples'] // r['rows']} | {r['frames']} | {r['seq_len']} | "
+                   f"{r['step_flops']:.3g} | {r['flops_per_sample']:.3g} | "
+                   f"{r['flops_per_sample'] / recs[0]['flops_per_sample']:.2f} |")
+  return lines
 
 
 def render(rows, row_path, out_dir: str) -> None:
@@ -61,11 +100,13 @@ def render(rows, row_path, out_dir: str) -> None:
       lines.append(head + f" computed: {why} | {tried} | | | | | | {ctime} |")
       continue
     b = ranked[0]
-    lines.append(head + f" computed {d.get('computed_at', '')} | {tried} | {b['mesh']['data']},{b['mesh']['fsdp']},"
-                 f"{b['mesh']['tensor']} | {b['memory_per_chip']['total_bytes'] / GIB:.1f} / "
+    lines.append(head + f" computed {d.get('computed_at', '')} | {tried} | {report._mesh(b)} | "
+                 f"{b['memory_per_chip']['total_bytes'] / GIB:.1f} / "
                  f"{b['memory_per_chip']['hbm_bytes'] / GIB:.0f} GiB | {b['roofline']['step_s']:.2f} s "
                  f"({b['roofline']['bound']}) | {100 * b['roofline']['mfu']:.1f}% | "
                  f"{b['roofline']['tokens_per_s_per_chip']:.0f} | {ctime} |")
+  lines += ["", CONTEXT_NOTE]
+  lines += _flops_tables(out_dir)
   lines += ["", "## Best three meshes per computed row", ""]
   for r, d in done:
     plans = d.get("plans", [])

@@ -207,6 +207,7 @@ def test_without_libtpu_the_message_says_how_to_install(monkeypatch):
     (["--topology", "v5e:2x2", "--mesh", "1,4,1", "--batch", "6"], "global batch 6 does not split"),
     (["--topology", "tpu9:2x2"], "--topology"),
     (["--topology", "v5e:4x4", "--mesh", "1,2,8", "--batch", "2"], "does not split over the 4 hosts of v5e:4x4"),
+    (["--topology", "v5e:2x2", "--step", "prefill", "--pack", "2"], "--pack`: 2: packed rows take"),
 ])
 def test_cli_bad_input_is_one_line_before_compiling(args, expected, tmp_path):
   out = subprocess.run([sys.executable, "-m", "launch.plan", "--config", "configs/quicksviewer.py:size=tiny,stage=3",
@@ -215,3 +216,45 @@ def test_cli_bad_input_is_one_line_before_compiling(args, expected, tmp_path):
   lines = [l for l in out.stderr.splitlines() if l.startswith("launch.plan:")]
   assert len(lines) == 1 and expected in lines[0], out.stderr[-2000:]
   assert "Traceback" not in out.stderr
+
+
+def _packed_sample(sid: int, num_frames: int, length: int, bound: int, size: int) -> dict:
+  return dict(frames=np.zeros((num_frames, size, size, 3), np.uint8), timestamps=np.zeros(num_frames, np.float32),
+              input_ids=np.ones(length, np.int32), labels=np.ones(length, np.int32),
+              token_frame=np.full(length, -1, np.int32), modality=1, sample_id=sid, merged_bound=bound)
+
+
+def test_abstract_packed_batch_equals_the_collators_packed_batch():
+  from configs.quicksviewer import get_config
+  from data_pipeline.packing import PackedCollator
+  from qv_jax.batch import BATCH_KEYS, PACKED_KEYS
+  from qv_jax.plan.train_plan import apply_overrides
+  from qv_jax.sharding import make_mesh
+  from qv_jax.train.compile import abstract_batch
+  c = get_config("size=tiny,stage=3")
+  apply_overrides(c, batch=4, frames=8, mesh_shape=(2, 2, 2))
+  mesh = make_mesh(c.mesh)
+  assert tuple(abstract_batch(c, mesh)) == BATCH_KEYS
+  apply_overrides(c, pack=3, seq_len=96)
+  assert tuple(c.data.seq_buckets) == (96,) and c.data.pack_samples == 3
+  collate = PackedCollator(image_size=c.data.image_size, max_text_len=c.data.max_text_len, frame_buckets=(8,),
+                           seq_buckets=(48, 96), slots=3, pad_id=0, normalize_on_host=False)
+  s = c.data.image_size
+  rows = [[_packed_sample(3 * i + j, 5 + j, 20, 30, s) for j in range(3 - i % 2)] for i in range(4)]
+  real = collate(rows)
+  abstract = abstract_batch(c, mesh)
+  assert tuple(abstract) == tuple(real) == PACKED_KEYS
+  assert {k: (v.shape, v.dtype) for k, v in abstract.items()} == {k: (v.shape, v.dtype) for k, v in real.items()}
+  assert abstract["frames"].shape == (4, 3, 8, s, s, 3) and abstract["segment_ids"].shape == (4, 96)
+  for k, v in abstract.items():
+    assert v.sharding.spec[0] == ("data", "fsdp"), k
+  assert abstract_batch(c, mesh, seq_len=48)["segment_ids"].shape == (4, 48)
+
+
+def test_jaxpr_flops_count_every_device_of_a_shard_map():
+  from jax.sharding import Mesh
+  from qv_jax.train.flops import matmul_flops
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
+  x, w = jax.ShapeDtypeStruct((64, 16), jnp.float32), jax.ShapeDtypeStruct((16, 4), jnp.float32)
+  sm = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P(("a", "b")), P()), out_specs=P(("a", "b")))
+  assert matmul_flops(sm, x, w) == matmul_flops(lambda x, w: x @ w, x, w) == 2 * 64 * 16 * 4

@@ -43,6 +43,8 @@ def vision_defaults(size: str) -> ml_collections.ConfigDict:
       layer_norm_eps=1e-6,
       frame_chunk=16,          # frames per sample per step of `encode_frames` (lax.map over chunks)
       remat=True,              # rematerialise each frame chunk and each encoder layer in the backward pass
+      gather_once=False,       # FSDP: all-gather the tower's weights once per step, not per frame chunk
+                               # (docs/planner.md; costs the full tower's fp32 weights and gradients per chip)
   ))
 
 

@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from qv_jax.layers import Dense, LayerNorm
-from qv_jax.sharding import constrain, param
+from qv_jax.sharding import _variable_pspec, axis_rules, constrain, logical_to_pspec, param
 
 _LAYER_AXES = {nnx.PARTITION_NAME: "layers", "logical_axes": "layers"}
 
@@ -160,6 +161,7 @@ class SiglipVisionTower(nnx.Module):
     self.image_size, self.grid_out = int(v.image_size), int(v.grid_out)
     self.grid_in = v.image_size // v.patch_size
     self.frame_chunk, self.remat = int(v.frame_chunk), bool(v.remat)
+    self.gather_once = bool(v.get("gather_once", False))
     self.patch_embed = PatchEmbed(v.patch_size, v.hidden_size, dtype=self.dtype, param_dtype=param_dtype,
                                   rngs=rngs)
     self.position_embedding = param(nnx.initializers.normal(0.02), rngs.params(),
@@ -224,10 +226,49 @@ class SiglipVisionTower(nnx.Module):
       if x.dtype == jnp.uint8:
         x = normalize_pixels(x)
       tower = nnx.merge(graphdef, state)
-      return tower(x.reshape(b * chunk, s, s, 3)).reshape(b, chunk, self.num_tokens, -1)
+      return tower(x.reshape(-1, s, s, 3)).reshape(x.shape[0], chunk, self.num_tokens, -1)
 
     if self.remat:
       run = jax.checkpoint(run)
-    out = jax.lax.map(lambda x: run(state, x), chunks)
+    loop = lambda st, c: jax.lax.map(lambda x: run(st, x), c)  # noqa: E731
+    out = _weights_gathered_once(loop, state, chunks) if self.gather_once else loop(state, chunks)
     out = out.swapaxes(0, 1).reshape(b, n * chunk, self.num_tokens, -1)[:, :f]
     return constrain(out, ("batch", "frames", "tokens", "vision_embed"))
+
+
+def _mesh_axes(spec) -> set:
+  return {a for d in spec for a in ((d,) if isinstance(d, str) else (d or ()))}
+
+
+def _weights_gathered_once(loop, state, chunks: jax.Array) -> jax.Array:
+  """`loop(state, chunks [n, B, ...]) -> [n, B, ...]`, run per batch shard with the tower's weights
+  all-gathered once before the chunk loop (and their gradients reduce-scattered once after it).
+
+  Under plain SPMD, XLA re-gathers FSDP-sharded weights in every chunk x layer iteration (on TPU partly as
+  collective-permute rings, docs/planner.md) and reduces their gradients per iteration. Costs the whole
+  tower's weights and gradients per chip. Used when the weights are sharded only over the
+  batch's mesh axes (data/fsdp/context: tensor-sharded weights keep the SPMD path); the values are the same."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or mesh.manual_axes:
+    return loop(state, chunks)
+  batch = logical_to_pspec((None, "batch"), None, mesh, chunks.shape[:2])[1]
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  specs = [_variable_pspec(v, mesh, None) for v in jax.tree.leaves(state, is_leaf=is_var)]
+  leaves, tree = jax.tree.flatten(state)
+  batch_axes = _mesh_axes((batch,))
+  used = set().union(*(_mesh_axes(s) for s in specs))
+  if not batch_axes or not used or not used <= batch_axes or len(leaves) != len(specs):
+    return loop(state, chunks)
+
+  def local(leaves, chunks):
+    full = []
+    for x, spec in zip(leaves, specs):
+      for dim, axes in enumerate(spec):
+        if axes:
+          x = jax.lax.all_gather(x, axes, axis=dim, tiled=True)
+      full.append(x)
+    with axis_rules(()):
+      return loop(jax.tree.unflatten(tree, full), chunks)
+
+  data = PartitionSpec(None, batch)
+  return jax.shard_map(local, in_specs=(specs, data), out_specs=data, check_vma=False)(leaves, chunks)

@@ -31,6 +31,8 @@ def train_command(r: dict) -> str:
            f"--config.model.vision.frame_chunk={r['frame_chunk']}")
   if m.get("context", 1) != 1:
     extra += f" --config.mesh.context={m['context']}"
+  if r.get("pack_samples"):
+    extra += f" --config.data.pack_samples={r['pack_samples']} --config.data.seq_buckets='({r['seq_len']},)'"
   return (f"TPU_NAME=<your-{r['topology'].replace(':', '-')}> ZONE=<zone> SIZE={r['size']} "
           f"MESH_DATA={m['data']} MESH_FSDP={m['fsdp']} MESH_TENSOR={m['tensor']} "
           f"bash launch/tpu_pod.sh {r['stage']} gs://<bucket>/runs/stage{r['stage']} {extra}")

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from qv_jax.batch import is_packed
 from qv_jax.config.errors import ConfigError
 from qv_jax.plan import hlo
 from qv_jax.plan.roofline import axis_ici_bandwidth, roofline
@@ -27,8 +28,11 @@ from qv_jax.train.step import make_train_step
 
 
 def apply_overrides(config, *, batch: int | None = None, frames: int | None = None, remat: bool | None = None,
-                    frame_chunk: int | None = None, mesh_shape=None):
-  """The config with the planner's overrides (in place; returned for chaining)."""
+                    frame_chunk: int | None = None, mesh_shape=None, pack: int | None = None,
+                    seq_len: int | None = None):
+  """The config with the planner's overrides (in place; returned for chaining). `pack` P switches to the
+  packed layout (docs/packing.md) with P samples per row (1: sequence bucketing alone) and `seq_len` is then
+  its sequence bucket; without `pack`, `seq_len` is data.max_seq_len."""
   if batch is not None:
     config.data.batch_size = int(batch)
   if frames is not None:
@@ -38,6 +42,13 @@ def apply_overrides(config, *, batch: int | None = None, frames: int | None = No
     config.model.vision.remat = bool(remat)
   if frame_chunk is not None:
     config.model.vision.frame_chunk = int(frame_chunk)
+  if pack is not None:
+    config.data.pack_samples = int(pack)
+    n = int(seq_len or max(tuple(config.data.seq_buckets) or (config.data.max_seq_len,)))
+    config.data.seq_buckets = (n,)
+    config.data.max_seq_len = max(int(config.data.max_seq_len), n)
+  elif seq_len is not None:
+    config.data.max_seq_len = int(seq_len)
   if mesh_shape is not None:
     sizes = [int(s) for s in mesh_shape]
     if len(sizes) == 3:
@@ -80,21 +91,32 @@ def _slice_mesh_shape(mesh, num_slices: int) -> tuple[int, ...]:
   return (shape[0] // num_slices,) + shape[1:]
 
 
+def loading_hosts(target: Target, mesh) -> int:
+  """Hosts that load distinct samples. With the context axis a sample spans several hosts; the compiled
+  step is the same whichever host feeds it, so the batch need only split over data x fsdp groups (the
+  trainer's loader still asks batch % hosts == 0: docs/planner.md)."""
+  if mesh.shape.get("context", 1) > 1:
+    return min(target.num_hosts, mesh.shape["data"] * mesh.shape["fsdp"])
+  return target.num_hosts
+
+
 def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
   """Checks the config against the target (one line on error), then compiles abstractly."""
   mesh = target_mesh(target, mesh_shape)
   apply_overrides(config, mesh_shape=tuple(mesh.shape.values()))
-  check_config(config, mesh, process_count=target.num_hosts)
+  check_config(config, mesh, process_count=loading_hosts(target, mesh))
   rules = config.sharding_rules
   t0 = time.perf_counter()
   abstract, spec = train_state_spec(config, mesh, rules)
   batch = abstract_batch(config, mesh)
   step_fn = make_train_step(spec.graphdef, config, spec.tx)
+  phases = {"build_s": time.perf_counter() - t0}
   with jax.set_mesh(mesh), axis_rules(rules):
-    compiled = compile_train_step(step_fn, spec, abstract, batch)
-    compile_s = time.perf_counter() - t0
+    compiled = compile_train_step(step_fn, spec, abstract, batch, timings=phases)
+    t1 = time.perf_counter()
     counted = matmul_flops(step_fn, abstract, batch)
-  info = dict(mesh=mesh, abstract=abstract, batch=batch, compile_s=compile_s, matmul_flops=counted)
+    phases["jaxpr_flops_s"] = time.perf_counter() - t1
+  info = dict(mesh=mesh, abstract=abstract, batch=batch, phases=phases, matmul_flops=counted)
   return compiled, info
 
 
@@ -137,14 +159,18 @@ def plan_train(config, target: Target, mesh_shape) -> dict:
   # across slices: each chip all-reduces its shard of the fp32 gradients with its peers in the other slices
   grads = sharded_bytes(info["abstract"].params)
   dcn = hlo.wire_bytes("all-reduce", grads, target.num_slices) if target.num_slices > 1 else 0.0
+  seq_len = int(info["batch"]["segment_ids"].shape[-1]) if is_packed(info["batch"]) else int(d.max_seq_len)
+  t0 = time.perf_counter()
   report = analyse(compiled, info["mesh"], target, flops=info["matmul_flops"],
-                   tokens=float(d.batch_size) * float(d.max_seq_len), dcn_bytes=dcn)
+                   tokens=float(d.batch_size) * seq_len, dcn_bytes=dcn)
+  phases = dict(info["phases"], analyse_s=time.perf_counter() - t0)
   report["memory_per_chip"].update(state_bytes=sharded_bytes(info["abstract"]),
                                    batch_bytes=sharded_bytes(info["batch"]))
   return dict(report, step="train", size=config.model.size, stage=int(config.train.stage),
               batch=int(d.batch_size), frames=int(max(d.frame_buckets)), max_seq_len=int(d.max_seq_len),
+              seq_len=seq_len, pack_samples=int(d.pack_samples) if is_packed(info["batch"]) else 0,
               remat=bool(config.model.vision.remat), frame_chunk=int(config.model.vision.frame_chunk),
-              grad_accum=int(config.train.grad_accum), compile_s=info["compile_s"])
+              gather_once=bool(config.model.vision.get("gather_once", False)), grad_accum=int(config.train.grad_accum), compile_s=sum(phases.values()), compile_phases_s=phases)
 
 
 def plan_error(e: Exception) -> str:

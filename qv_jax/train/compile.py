@@ -10,13 +10,14 @@ for a TPU topology's compile-only devices without touching any device.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qv_jax.batch import batch_shapes
+from qv_jax.batch import batch_shapes, packed_batch_shapes
 from qv_jax.sharding import data_sharding
 
 
@@ -27,18 +28,37 @@ def jit_train_step(step_fn, spec, batch_shardings: dict):
                  out_shardings=(spec.shardings, rep), donate_argnums=(0,))
 
 
-def compile_train_step(step_fn, spec, state, batch: dict) -> Any:
-  """-> the compiled executable of `jit_train_step` for `state` and `batch` (arrays or abstract)."""
+def compile_train_step(step_fn, spec, state, batch: dict, timings: dict | None = None) -> Any:
+  """-> the compiled executable of `jit_train_step` for `state` and `batch` (arrays or abstract). With a
+  `timings` dict, the seconds of its phases go into it: trace_s (jaxpr), lower_s (StableHLO), xla_compile_s."""
   jitted = jit_train_step(step_fn, spec, {k: v.sharding for k, v in batch.items()})
-  return jitted.lower(state, batch).compile()
+  t0 = time.perf_counter()
+  traced = jitted.trace(state, batch)
+  t1 = time.perf_counter()
+  lowered = traced.lower()
+  t2 = time.perf_counter()
+  compiled = lowered.compile()
+  if timings is not None:
+    timings.update(trace_s=t1 - t0, lower_s=t2 - t1, xla_compile_s=time.perf_counter() - t2)
+  return compiled
 
 
 def abstract_batch(config, mesh, batch_size: int | None = None, num_frames: int | None = None,
-                   rules=None) -> dict:
-  """The global batch as ShapeDtypeStructs sharded over (data, fsdp) like `loop.to_global` makes it."""
+                   rules=None, seq_len: int | None = None) -> dict:
+  """The global batch as ShapeDtypeStructs sharded over (data, fsdp) like `loop.to_global` makes it.
+
+  With data.seq_buckets or data.pack_samples > 1 it is the packed layout of `qv_jax/batch.py` (what
+  `data_pipeline/packing.py` collates): `batch_size` counts rows of data.pack_samples slots and `seq_len` is
+  the sequence bucket N (default: the largest of data.seq_buckets, else data.max_seq_len)."""
+  from data_pipeline.seq_buckets import packed_layout, sequence_buckets
   b = int(config.data.batch_size if batch_size is None else batch_size)
   f = int(max(config.data.frame_buckets) if num_frames is None else num_frames)
   rules = config.sharding_rules if rules is None else rules
+  if packed_layout(config.data):
+    n = int(max(sequence_buckets(config.data)) if seq_len is None else seq_len)
+    shapes = packed_batch_shapes(config, b, f, n)
+  else:
+    shapes = batch_shapes(config, b, f)
   return {k: jax.ShapeDtypeStruct(shape, np.dtype(dtype),
                                   sharding=data_sharding(mesh, len(shape), rules, shape=shape))
-          for k, (shape, dtype) in batch_shapes(config, b, f).items()}
+          for k, (shape, dtype) in shapes.items()}

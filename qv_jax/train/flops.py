@@ -59,6 +59,10 @@ def jaxpr_flops(jaxpr) -> float:
       total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"].jaxpr)
     elif name == "cond":
       total += max((jaxpr_flops(b.jaxpr) for b in eqn.params["branches"]), default=0.0)
+    elif name == "shard_map":                 # the body sees per-device shapes: count every device
+      mesh = eqn.params["mesh"]
+      devices = math.prod(mesh.shape[a] for a in eqn.params["newly_manual_axes"])
+      total += devices * sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params))
     else:
       total += sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params))
   return total
