@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from qv_jax.model.rope import apply_rope
+from qv_jax.parallel.ring_attention import ring_attention, uses_ring
 from qv_jax.sharding import constrain, param
 
 _MASKED = float(np.finfo(np.float32).min)
@@ -122,15 +123,20 @@ class Attention(nnx.Module):
     self.v_proj = HeadProjection(d, kv, hd, heads_axis="kv_heads", use_bias=cfg.qkv_bias, **common)
     self.o_proj = OutProjection(h, hd, d, **common)
     self.impl, self.chunk = cfg.attention_impl, int(cfg.attention_chunk)
+    self.context_attention = cfg.get("context_attention", "allgather")
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, k_valid: jax.Array,
                cache_kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0,
-               segment_ids: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+               segment_ids: jax.Array | None = None, zigzag: bool = False
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """x [B, L, D] at slots index..index+L-1; cos/sin [B, L, hd]; k_valid [B, S] (S = L without a cache).
 
     cache_kv: this layer's cache (k, v) [B, S, KV, hd]; the new keys/values are written at `index`
     for this call's attention. segment_ids [B, L] (no cache): packed rows, attention never crosses
     segments. Returns (out [B, L, D], (k_new, v_new) [B, L, KV, hd]).
+    With `context_attention="ring"`, no cache and a context axis > 1, attention runs as a ring
+    (`parallel/ring_attention.py`); zigzag: x, cos, sin, k_valid and segment_ids are already in its
+    zig-zag layout (the Decoder arranges that once for all layers), else each call permutes.
     """
     q = constrain(apply_rope(self.q_proj(x), cos, sin), ("batch", "length", "heads", "head_dim"))
     k = constrain(apply_rope(self.k_proj(x), cos, sin), ("batch", "length", "kv_heads", "head_dim"))
@@ -143,6 +149,9 @@ class Attention(nnx.Module):
       k_all = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
       v_all = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
       k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
-    out = attend(q, k_all, v_all, q_slots, k_valid, impl=self.impl, chunk=self.chunk,
-                 segment_ids=segment_ids)
+    if uses_ring(self.context_attention, cache_kv):
+      out = ring_attention(q, k, v, k_valid, segment_ids, zigzag=zigzag)
+    else:
+      out = attend(q, k_all, v_all, q_slots, k_valid, impl=self.impl, chunk=self.chunk,
+                   segment_ids=segment_ids)
     return self.o_proj(out), (k, v)
