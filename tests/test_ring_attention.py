@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from configs.quicksviewer import get_config
 from qv_jax.config import ConfigError, validate
@@ -14,6 +15,7 @@ from qv_jax.model.attention import attend
 from qv_jax.model.decoder import Decoder
 from qv_jax.parallel.ring_attention import from_zigzag, ring_attention, to_zigzag, zigzag_order
 from qv_jax.sharding import axis_rules, make_mesh, state_shardings
+from qv_jax.train.flops import matmul_flops
 
 B, L, H, KV, HD = 2, 64, 6, 2, 8
 
@@ -41,7 +43,12 @@ def _weighted_sum(out):
 
 
 def _value_and_grads(fn, q, k, v):
-  return jax.value_and_grad(lambda q, k, v: _weighted_sum(fn(q, k, v)), argnums=(0, 1, 2))(q, k, v)
+  """(out, weighted sum, its gradients wrt q, k, v), one jitted program."""
+  def loss(q, k, v):
+    out = fn(q, k, v)
+    return _weighted_sum(out), out
+  (total, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return out, total, grads
 
 
 def _rel(a, b):
@@ -62,21 +69,20 @@ def test_zigzag_layout_and_its_inverse(c):
   np.testing.assert_array_equal(np.asarray(back), np.asarray(x))
 
 
-@pytest.mark.parametrize("sizes", [dict(context=4, data=2), dict(context=8), dict(context=4, tensor=2)],
-                         ids=["context4-data2", "context8", "context4-tensor2"])
-@pytest.mark.parametrize("packed", [True, False], ids=["segments", "no-segments"])
+CASES = [(dict(context=4, data=2), True), (dict(context=8), False), (dict(context=4, tensor=2), True)]
+
+
+@pytest.mark.parametrize("sizes,packed", CASES, ids=["context4-data2-segments", "context8", "context4-tensor2"])
 def test_ring_equals_single_device(sizes, packed):
   q, k, v, valid, seg = _inputs()
   seg = seg if packed else None
   slots = jnp.arange(L, dtype=jnp.int32)
-  want, want_g = _value_and_grads(lambda q, k, v: attend(q, k, v, slots, valid, segment_ids=seg), q, k, v)
+  want, want_total, want_g = _value_and_grads(lambda q, k, v: attend(q, k, v, slots, valid, segment_ids=seg),
+                                              q, k, v)
   with jax.set_mesh(_mesh(**sizes)):
-    got, got_g = jax.jit(lambda q, k, v: _value_and_grads(
-        lambda q, k, v: ring_attention(q, k, v, valid, seg), q, k, v))(q, k, v)
-    out = jax.jit(lambda q, k, v: ring_attention(q, k, v, valid, seg))(q, k, v)
-  ref = attend(q, k, v, slots, valid, segment_ids=seg)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
-  assert abs(float(got) - float(want)) <= 1e-5 * max(1.0, abs(float(want)))
+    got, got_total, got_g = _value_and_grads(lambda q, k, v: ring_attention(q, k, v, valid, seg), q, k, v)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+  assert abs(float(got_total) - float(want_total)) <= 1e-5 * max(1.0, abs(float(want_total)))
   for name, a, b in zip("qkv", got_g, want_g):
     assert _rel(a, b) < 1e-5, (name, _rel(a, b))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
@@ -142,3 +148,11 @@ def test_decoder_with_ring_over_context_4_equals_context_1():
   for (path, a), (_, b) in zip(nnx.to_flat_state(got[2]), nnx.to_flat_state(want[2])):
     a, b = a.get_value(), b.get_value()
     assert _rel(a, b) < 1e-5, (path, _rel(a, b))
+
+
+def test_matmul_flops_count_a_shard_map_body_on_every_chip():
+  a, b = jnp.ones((16, 8)), jnp.ones((8, 4))
+  with jax.set_mesh(_mesh(context=4, data=2)):
+    sharded = jax.shard_map(lambda a, b: a @ b, in_specs=(P(("data", "context")), P()),
+                            out_specs=P(("data", "context")))
+    assert matmul_flops(sharded, a, b) == matmul_flops(lambda a, b: a @ b, a, b) == 2 * 16 * 8 * 4

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from qv_jax.model.rope import apply_rope
+from qv_jax.parallel.context import context_size
 from qv_jax.parallel.ring_attention import ring_attention, uses_ring
 from qv_jax.sharding import constrain, param
 
@@ -152,6 +153,8 @@ class Attention(nnx.Module):
     if uses_ring(self.context_attention, cache_kv):
       out = ring_attention(q, k, v, k_valid, segment_ids, zigzag=zigzag)
     else:
+      if cache_kv is None and context_size() > 1:     # gather K/V once, not scores per query chunk
+        k_all, v_all = (constrain(a, ("batch", None, "kv_heads", "head_dim")) for a in (k_all, v_all))
       out = attend(q, k_all, v_all, q_slots, k_valid, impl=self.impl, chunk=self.chunk,
                    segment_ids=segment_ids)
     return self.o_proj(out), (k, v)

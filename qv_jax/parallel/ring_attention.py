@@ -14,9 +14,10 @@ the same on all chips. Masks otherwise follow `qv_jax.model.attention`: a key is
 (and of the query's segment for packed rows); a query that sees no key at all (padding) gets the
 uniform average of all L values, as the single-device softmax over fully masked scores gives.
 
-The backward is JAX's autodiff of the shard_map (ppermute transposes to the reverse ring), each ring
-step under `jax.checkpoint`: the backward keeps per step only that step's inputs (the running fp32
-output and statistics and the K/V block) and recomputes its scores.
+The C-1 ring steps are a `lax.scan`. The backward is JAX's autodiff of the shard_map (ppermute transposes
+to the reverse ring), each step under `jax.checkpoint`: the backward keeps per step only that step's
+inputs (the running fp32 output and statistics and the K/V block) and recomputes its scores, so one
+step's scores are live at a time.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def _local_ring(q, k, v, k_valid, segments, *, c, length):
   state = (jnp.zeros((b, lq, kvh, g, hd), jnp.float32), jnp.full((b, kvh, g, lq), _MASKED, jnp.float32),
            jnp.zeros((b, kvh, g, lq), jnp.float32))
   has_seg = segments is not None
-  seg = segments if has_seg else jnp.zeros((b, lq), jnp.int32)
+  seg = segments if has_seg else k_valid.astype(jnp.int32) * 0     # (device-varying, like the blocks)
 
   @jax.checkpoint
   def diagonal(state, k, v, valid, kseg):
@@ -154,7 +155,6 @@ def _local_ring(q, k, v, k_valid, segments, *, c, length):
     causal = slots[None, :] <= slots[:, None]
     return _update(state, qg, k, v, _mask(valid, seg if has_seg else None, kseg, causal), scale)
 
-  @jax.checkpoint
   def off_diagonal(state, src, k, v, valid, kseg):
     def earlier(state):              # src < me: all queries, key chunk src (the first half)
       return _update(state, qg, k[:, :n], v[:, :n],
@@ -171,11 +171,17 @@ def _local_ring(q, k, v, k_valid, segments, *, c, length):
     return jax.lax.cond(src < me, earlier, later, state)
 
   ring = [(i, (i + 1) % c) for i in range(c)]
+
+  @jax.checkpoint
+  def step(carry, s):
+    state, block = carry
+    block = jax.lax.ppermute(block, AXIS, ring)
+    return (off_diagonal(state, (me - s) % c, *block), block), None
+
   block = (k, v, k_valid, seg)
   state = diagonal(state, *block)
-  for s in range(1, c):
-    block = jax.lax.ppermute(block, AXIS, ring)
-    state = off_diagonal(state, (me - s) % c, *block)
+  if c > 1:
+    (state, _), _ = jax.lax.scan(step, (state, block), jnp.arange(1, c, dtype=jnp.int32))
   acc, m, l = state
   dead = jnp.moveaxis(m == _MASKED, -1, 1)[..., None]                                # [B, lq, KV, G, 1]
   mean = jax.lax.psum(v.astype(jnp.float32).sum(1), AXIS) / length                  # [B, KV, hd]
