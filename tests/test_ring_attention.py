@@ -13,7 +13,8 @@ from configs.quicksviewer import get_config
 from qv_jax.config import ConfigError, validate
 from qv_jax.model.attention import attend
 from qv_jax.model.decoder import Decoder
-from qv_jax.parallel.ring_attention import from_zigzag, ring_attention, to_zigzag, zigzag_order
+from qv_jax.parallel.ring_attention import (allgather_attention, from_zigzag, ring_attention, to_zigzag,
+                                            zigzag_order)
 from qv_jax.sharding import axis_rules, make_mesh, state_shardings
 from qv_jax.train.flops import matmul_flops
 
@@ -69,18 +70,20 @@ def test_zigzag_layout_and_its_inverse(c):
   np.testing.assert_array_equal(np.asarray(back), np.asarray(x))
 
 
-CASES = [(dict(context=4, data=2), True), (dict(context=8), False), (dict(context=4, tensor=2), True)]
+CASES = [(ring_attention, dict(context=4, data=2), True), (ring_attention, dict(context=8), False),
+         (ring_attention, dict(context=4, tensor=2), True), (allgather_attention, dict(context=4, data=2), True)]
 
 
-@pytest.mark.parametrize("sizes,packed", CASES, ids=["context4-data2-segments", "context8", "context4-tensor2"])
-def test_ring_equals_single_device(sizes, packed):
+@pytest.mark.parametrize("fn,sizes,packed", CASES, ids=["ring-context4-data2-segments", "ring-context8",
+                                                        "ring-context4-tensor2", "allgather-context4-data2-segments"])
+def test_context_attention_equals_single_device(fn, sizes, packed):
   q, k, v, valid, seg = _inputs()
   seg = seg if packed else None
   slots = jnp.arange(L, dtype=jnp.int32)
   want, want_total, want_g = _value_and_grads(lambda q, k, v: attend(q, k, v, slots, valid, segment_ids=seg),
                                               q, k, v)
   with jax.set_mesh(_mesh(**sizes)):
-    got, got_total, got_g = _value_and_grads(lambda q, k, v: ring_attention(q, k, v, valid, seg), q, k, v)
+    got, got_total, got_g = _value_and_grads(lambda q, k, v: fn(q, k, v, valid, seg), q, k, v)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
   assert abs(float(got_total) - float(want_total)) <= 1e-5 * max(1.0, abs(float(want_total)))
   for name, a, b in zip("qkv", got_g, want_g):
@@ -119,9 +122,11 @@ def _decoder_loss(decoder, ids, positions, mask, seg):
   return (jnp.where(mask[..., None], logits, 0.0) * w).sum() / 100.0, logits
 
 
-def test_decoder_with_ring_over_context_4_equals_context_1():
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ring", "allgather"])
+def test_decoder_over_context_4_equals_context_1(mode):
   c = get_config("size=tiny,stage=3")
-  c.model.decoder.context_attention = "ring"
+  c.model.decoder.context_attention = mode
   c.model.compute_dtype = "float32"
   decoder = Decoder(c.model, rngs=nnx.Rngs(3))
   r = np.random.default_rng(1)
@@ -141,7 +146,7 @@ def test_decoder_with_ring_over_context_4_equals_context_1():
     sharded = jax.device_put(state, state_shardings(state, mesh))
     compiled = jax.jit(step).lower(sharded, ids, positions, mask, seg).compile()
     got = jax.device_get(compiled(sharded, ids, positions, mask, seg))
-  assert "collective-permute" in compiled.as_text()       # the ring ran, not an all-gather of K/V
+  assert ("collective-permute" in compiled.as_text()) == (mode == "ring")    # the ring ran, or did not
   m = np.asarray(mask)
   np.testing.assert_allclose(np.asarray(got[1])[m], np.asarray(want[1])[m], atol=1e-5, rtol=1e-5)
   assert abs(float(got[0]) - float(want[0])) <= 1e-5 * max(1.0, abs(float(want[0])))

@@ -17,7 +17,7 @@ from flax import nnx
 
 from qv_jax.model.rope import apply_rope
 from qv_jax.parallel.context import context_size
-from qv_jax.parallel.ring_attention import ring_attention, uses_ring
+from qv_jax.parallel.ring_attention import allgather_attention, ring_attention, uses_ring
 from qv_jax.sharding import constrain, param
 
 _MASKED = float(np.finfo(np.float32).min)
@@ -77,18 +77,21 @@ def _attend_block(q, k, v, q_slots, k_valid, scale, q_segment=None, k_segment=No
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, k_valid: jax.Array, *,
-           impl: str = "plain", chunk: int = 512, segment_ids: jax.Array | None = None) -> jax.Array:
+           impl: str = "plain", chunk: int = 512, segment_ids: jax.Array | None = None,
+           k_segment_ids: jax.Array | None = None) -> jax.Array:
   """Masked grouped-query attention, softmax in fp32 (HF eager semantics).
 
   q [B, L, H, hd] at slots q_slots [L] int32; k, v [B, S, KV, hd] at slots 0..S-1; k_valid [B, S] bool.
   impl "plain" holds the [B, H, L, S] scores whole; "chunked" runs `chunk` queries at a time under remat
   (exact; memory [B, H, chunk, S]). segment_ids [B, L] (L = S, no cache): block-diagonal causal attention
-  for packed rows, a query sees only its own sample's keys.
+  for packed rows, a query sees only its own sample's keys; k_segment_ids [B, S]: the keys' own when
+  L != S (default: segment_ids).
   """
+  k_segment_ids = segment_ids if k_segment_ids is None else k_segment_ids
   scale = 1.0 / float(np.sqrt(q.shape[-1]))
   length = q.shape[1]
   if impl == "plain" or length <= chunk:
-    return _attend_block(q, k, v, q_slots, k_valid, scale, segment_ids, segment_ids)
+    return _attend_block(q, k, v, q_slots, k_valid, scale, segment_ids, k_segment_ids)
   if impl != "chunked":
     raise ValueError(f"unknown attention impl {impl!r}; expected 'plain' or 'chunked'")
   n = -(-length // chunk)
@@ -106,7 +109,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, k_valid
   def block(args):
     q_chunk, slot_chunk, segment_chunk = args
     return _attend_block(q_chunk, k, v, slot_chunk, k_valid, scale, segment_chunk,
-                         None if segment_chunk is None else segment_ids)
+                         None if segment_chunk is None else k_segment_ids)
 
   out = jax.lax.map(block, (qp, slots, segments))                                          # [n, B, C, H, hd]
   out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * chunk, *q.shape[2:])
@@ -152,9 +155,9 @@ class Attention(nnx.Module):
       k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
     if uses_ring(self.context_attention, cache_kv):
       out = ring_attention(q, k, v, k_valid, segment_ids, zigzag=zigzag)
+    elif cache_kv is None and context_size() > 1:
+      out = allgather_attention(q, k, v, k_valid, segment_ids, impl=self.impl, chunk=self.chunk)
     else:
-      if cache_kv is None and context_size() > 1:     # gather K/V once, not scores per query chunk
-        k_all, v_all = (constrain(a, ("batch", None, "kv_heads", "head_dim")) for a in (k_all, v_all))
       out = attend(q, k_all, v_all, q_slots, k_valid, impl=self.impl, chunk=self.chunk,
                    segment_ids=segment_ids)
     return self.o_proj(out), (k, v)

@@ -224,3 +224,30 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_valid: jax.Array,
 
   return jax.shard_map(local, in_specs=(qs, ks, ks, ts) + ((ts,) if segment_ids is not None else ()),
                        out_specs=qs)(*args)
+
+
+def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_valid: jax.Array,
+                        segment_ids: jax.Array | None = None, *, impl: str = "plain",
+                        chunk: int = 512) -> jax.Array:
+  """The same attention as `ring_attention` (natural layout), by all-gathering K/V (and key validity,
+  segments) over `context` once: each chip runs `qv_jax.model.attention.attend` for its own L / C
+  queries against all L keys. The backward reduce-scatters dK/dV. L must be a multiple of the context
+  size."""
+  from qv_jax.model.attention import attend
+  c = context_size()
+  length = q.shape[1]
+  qs, ks = _head_specs(q, k)
+  ts = _spec(("batch", "length"), k_valid.shape)
+  args = (q, k, v, k_valid.astype(bool)) + (() if segment_ids is None else (segment_ids.astype(jnp.int32),))
+
+  def local(q, k, v, valid, *seg):
+    gather = lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
+    slots = jax.lax.axis_index(AXIS) * q.shape[1] + jnp.arange(q.shape[1], dtype=jnp.int32)
+    return attend(q, gather(k), gather(v), slots, gather(valid), impl=impl, chunk=chunk,
+                  segment_ids=seg[0] if seg else None, k_segment_ids=gather(seg[0]) if seg else None)
+
+  if length % c:
+    raise ValueError(f"decoder attention: sequence length {length} is not divisible by the context axis "
+                     f"size {c}; pad data.max_seq_len to a multiple")
+  return jax.shard_map(local, in_specs=(qs, ks, ks, ts) + ((ts,) if segment_ids is not None else ()),
+                       out_specs=qs)(*args)
