@@ -14,7 +14,7 @@ from qv_jax.config import ConfigError, validate
 from qv_jax.model.attention import attend
 from qv_jax.model.decoder import Decoder
 from qv_jax.parallel.ring_attention import (allgather_attention, from_zigzag, ring_attention, to_zigzag,
-                                            zigzag_order)
+                                            uses_ring, zigzag_order)
 from qv_jax.sharding import axis_rules, make_mesh, state_shardings
 from qv_jax.train.flops import matmul_flops
 
@@ -105,15 +105,25 @@ def test_config_field_and_sequence_length_are_checked():
   with pytest.raises(ConfigError, match=r"model\.decoder\.context_attention.*'ulysses'"):
     validate(c)
   c = get_config("size=tiny,stage=3")
-  assert c.model.decoder.context_attention == "allgather"
+  assert c.model.decoder.context_attention == "auto"
   c.model.decoder.context_attention = "ring"
   c.mesh.data, c.mesh.context = 1, 4
   c.data.max_seq_len = 4 * 129                     # a multiple of 4, not of 8
   with pytest.raises(ConfigError, match=r"data\.max_seq_len.*2 x the context axis size 4") as e:
     validate(c)
   assert "\n" not in str(e.value)
-  c.model.decoder.context_attention = "allgather"
-  validate(c)
+  for mode in ("allgather", "auto"):               # auto: the all-gather for this length
+    c.model.decoder.context_attention = mode
+    validate(c)
+
+
+def test_auto_takes_the_ring_where_the_length_allows():
+  with jax.set_mesh(_mesh(context=4)):
+    assert uses_ring("auto", None, 64) and uses_ring("ring", None, 64)
+    assert not uses_ring("auto", None, 60) and not uses_ring("allgather", None, 64)
+    assert not uses_ring("ring", object(), 64)      # a KV cache: the all-gather
+  with jax.set_mesh(_mesh(data=8)):
+    assert not uses_ring("ring", None, 64)
 
 
 def _decoder_loss(decoder, ids, positions, mask, seg):

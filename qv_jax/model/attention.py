@@ -127,7 +127,7 @@ class Attention(nnx.Module):
     self.v_proj = HeadProjection(d, kv, hd, heads_axis="kv_heads", use_bias=cfg.qkv_bias, **common)
     self.o_proj = OutProjection(h, hd, d, **common)
     self.impl, self.chunk = cfg.attention_impl, int(cfg.attention_chunk)
-    self.context_attention = cfg.get("context_attention", "allgather")
+    self.context_attention = cfg.get("context_attention", "auto")
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, k_valid: jax.Array,
                cache_kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0,
@@ -153,7 +153,7 @@ class Attention(nnx.Module):
       k_all = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
       v_all = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
       k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
-    if uses_ring(self.context_attention, cache_kv):
+    if uses_ring(self.context_attention, cache_kv, x.shape[1]):
       out = ring_attention(q, k, v, k_valid, segment_ids, zigzag=zigzag)
     elif cache_kv is None and context_size() > 1:
       out = allgather_attention(q, k, v, k_valid, segment_ids, impl=self.impl, chunk=self.chunk)

@@ -137,7 +137,7 @@ class Decoder(nnx.Module):
                  None if scaling is None else tuple(sorted(dict(scaling).items())))
     self.scan_layers = bool(cfg.scan_layers)
     self.remat_policy = cfg.remat_policy
-    self.context_attention = cfg.get("context_attention", "allgather")
+    self.context_attention = cfg.get("context_attention", "auto")
     common = dict(dtype=self.dtype, param_dtype=param_dtype)
 
     self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **common)
@@ -238,7 +238,7 @@ class Decoder(nnx.Module):
                        f"[B, L] = {(batch, length)}")
     mask = mask.astype(bool)
     positions = jnp.where(mask, positions, 0).astype(jnp.int32)
-    zigzag = uses_ring(self.context_attention, cache)
+    zigzag = uses_ring(self.context_attention, cache, length)
     if zigzag:     # ring attention's load-balanced layout, once for all layers (undone after them)
       x = to_zigzag(x, ("batch", "length", "embed"))
       positions, mask = (to_zigzag(a, ("batch", "length")) for a in (positions, mask))

@@ -5,12 +5,13 @@ A sequence of L slots is cut into 2C chunks of n = L / (2C); chip i holds chunks
 validity and segment ids) around the ring with `lax.ppermute`, combining them by online softmax (fp32
 max, sum and weighted value sum). At ring step s chip i holds the K/V of chip j = i - s (mod C):
 
-  s = 0    its own block: both query chunks against both key chunks, causal by slot;
+  s = 0    its own block: chunk i sees itself (causal), chunk 2C-1-i sees chunk i whole and itself (causal);
   j < i    both query chunks see key chunk j whole, key chunk 2C-1-j not at all;
   j > i    only query chunk 2C-1-i sees anything: both of j's key chunks, whole.
 
-So every off-diagonal step is half a block on every chip (no causal mask needed there), and the work is
-the same on all chips. Masks otherwise follow `qv_jax.model.attention`: a key is seen only if valid
+So every off-diagonal step is two [n x n] score blocks on every chip (half of the full block, no causal
+mask needed), the diagonal three: the work is the same on all chips, about half of the all-gather's
+L/C x L scores. Score tensors are [B, H, n, n] fp32. Masks otherwise follow `qv_jax.model.attention`: a key is seen only if valid
 (and of the query's segment for packed rows); a query that sees no key at all (padding) gets the
 uniform average of all L values, as the single-device softmax over fully masked scores gives.
 
@@ -31,12 +32,15 @@ from qv_jax.parallel.context import AXIS, context_size
 from qv_jax.sharding import logical_to_pspec
 
 _MASKED = float(np.finfo(np.float32).min)
-MODES = ("allgather", "ring")
 
 
-def uses_ring(mode: str, cache) -> bool:
-  """Whether attention runs as a ring: `mode` "ring", no KV cache, and a context axis of size > 1."""
-  return mode == "ring" and cache is None and context_size() > 1
+def uses_ring(mode: str, cache, length: int) -> bool:
+  """Whether attention over `length` slots runs as a ring: no KV cache, a context axis of size C > 1 and
+  `mode` "ring", or "auto" with `length` a multiple of 2C (else the all-gather)."""
+  c = context_size()
+  if cache is not None or c <= 1:
+    return False
+  return mode == "ring" or (mode == "auto" and length % (2 * c) == 0)
 
 
 def zigzag_order(length: int, context: int) -> np.ndarray:
@@ -130,13 +134,14 @@ def _mask(k_valid, q_segment, k_segment, causal=None):
   return visible[:, None, None]
 
 
-def _slots(chip, n, c):
-  """Natural slots [2n] of a chip's zig-zag block."""
-  r = jnp.arange(n, dtype=jnp.int32)
-  return jnp.concatenate([chip * n + r, (2 * c - 1 - chip) * n + r])
+def _select(pred, a, b):
+  return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
 
 
 def _local_ring(q, k, v, k_valid, segments, *, c, length):
+  """One chip's zig-zag block: q [B, 2n, H, hd] (chunks me, 2C-1-me); k, v [B, 2n, KV, hd]; k_valid,
+  segments [B, 2n]. Every ring step is two [n x n] score blocks on every chip, whichever side of the
+  diagonal its K/V come from (inputs chosen by `where`, no branches)."""
   b, lq, h, hd = q.shape
   kvh = k.shape[2]
   g = h // kvh
@@ -144,45 +149,50 @@ def _local_ring(q, k, v, k_valid, segments, *, c, length):
   scale = 1.0 / float(np.sqrt(hd))
   me = jax.lax.axis_index(AXIS)
   qg = q.reshape(b, lq, kvh, g, hd)
-  state = (jnp.zeros((b, lq, kvh, g, hd), jnp.float32), jnp.full((b, kvh, g, lq), _MASKED, jnp.float32),
-           jnp.zeros((b, kvh, g, lq), jnp.float32))
+  q1, q2 = qg[:, :n], qg[:, n:]
   has_seg = segments is not None
   seg = segments if has_seg else k_valid.astype(jnp.int32) * 0     # (device-varying, like the blocks)
+  seg1, seg2 = (seg[:, :n], seg[:, n:]) if has_seg else (None, None)
+
+  def empty():
+    return (jnp.zeros((b, n, kvh, g, hd), jnp.float32), jnp.full((b, kvh, g, n), _MASKED, jnp.float32),
+            jnp.zeros((b, kvh, g, n), jnp.float32))
+
+  def halves(block):
+    return tuple(x[:, :n] for x in block), tuple(x[:, n:] for x in block)
+
+  def attend(state, q, q_seg, kv, causal=None):
+    k, v, valid, kseg = kv
+    return _update(state, q, k, v, _mask(valid, q_seg, kseg if has_seg else None, causal), scale)
 
   @jax.checkpoint
-  def diagonal(state, k, v, valid, kseg):
-    slots = _slots(me, n, c)
-    causal = slots[None, :] <= slots[:, None]
-    return _update(state, qg, k, v, _mask(valid, seg if has_seg else None, kseg, causal), scale)
-
-  def off_diagonal(state, src, k, v, valid, kseg):
-    def earlier(state):              # src < me: all queries, key chunk src (the first half)
-      return _update(state, qg, k[:, :n], v[:, :n],
-                     _mask(valid[:, :n], seg if has_seg else None, kseg[:, :n]), scale)
-
-    def later(state):                # src > me: query chunk 2C-1-me (the second half), all keys
-      acc, m, l = state
-      part = (acc[:, n:], m[..., n:], l[..., n:])
-      acc2, m2, l2 = _update(part, qg[:, n:], k, v,
-                             _mask(valid, seg[:, n:] if has_seg else None, kseg), scale)
-      return (jnp.concatenate([acc[:, :n], acc2], 1), jnp.concatenate([m[..., :n], m2], -1),
-              jnp.concatenate([l[..., :n], l2], -1))
-
-    return jax.lax.cond(src < me, earlier, later, state)
+  def diagonal(block):
+    first, second = halves(block)
+    tri = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]
+    s1 = attend(empty(), q1, seg1, first, tri)
+    s2 = attend(attend(empty(), q2, seg2, first), q2, seg2, second, tri)
+    return s1, s2
 
   ring = [(i, (i + 1) % c) for i in range(c)]
 
   @jax.checkpoint
   def step(carry, s):
-    state, block = carry
+    # src < me: both query chunks see key chunk src; src > me: query chunk 2C-1-me sees both key chunks
+    (s1, s2), block = carry
     block = jax.lax.ppermute(block, AXIS, ring)
-    return (off_diagonal(state, (me - s) % c, *block), block), None
+    earlier = (me - s) % c < me
+    first, second = halves(block)
+    s2 = attend(s2, q2, seg2, first)
+    rows = _select(earlier, s1, s2)
+    rows = attend(rows, jnp.where(earlier, q1, q2), None if seg1 is None else jnp.where(earlier, seg1, seg2),
+                  _select(earlier, first, second))
+    return ((_select(earlier, rows, s1), _select(earlier, s2, rows)), block), None
 
   block = (k, v, k_valid, seg)
-  state = diagonal(state, *block)
+  states = diagonal(block)
   if c > 1:
-    (state, _), _ = jax.lax.scan(step, (state, block), jnp.arange(1, c, dtype=jnp.int32))
-  acc, m, l = state
+    (states, _), _ = jax.lax.scan(step, (states, block), jnp.arange(1, c, dtype=jnp.int32))
+  acc, m, l = (jnp.concatenate(parts, axis) for parts, axis in zip(zip(*states), (1, -1, -1)))
   dead = jnp.moveaxis(m == _MASKED, -1, 1)[..., None]                                # [B, lq, KV, G, 1]
   mean = jax.lax.psum(v.astype(jnp.float32).sum(1), AXIS) / length                  # [B, KV, hd]
   out = jnp.where(dead, mean[:, None, :, None, :], acc / jnp.moveaxis(l, -1, 1)[..., None])
@@ -231,8 +241,8 @@ def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_valid: jax.A
                         chunk: int = 512) -> jax.Array:
   """The same attention as `ring_attention` (natural layout), by all-gathering K/V (and key validity,
   segments) over `context` once: each chip runs `qv_jax.model.attention.attend` for its own L / C
-  queries against all L keys. The backward reduce-scatters dK/dV. L must be a multiple of the context
-  size."""
+  queries against all L keys (`chunk` lowered to a divisor of L / C of at least half of it, so no query chunk is padding). The
+  backward reduce-scatters dK/dV. L must be a multiple of the context size."""
   from qv_jax.model.attention import attend
   c = context_size()
   length = q.shape[1]
@@ -240,14 +250,18 @@ def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_valid: jax.A
   ts = _spec(("batch", "length"), k_valid.shape)
   args = (q, k, v, k_valid.astype(bool)) + (() if segment_ids is None else (segment_ids.astype(jnp.int32),))
 
+  if length % c:
+    raise ValueError(f"decoder attention: sequence length {length} is not divisible by the context axis "
+                     f"size {c}; pad data.max_seq_len to a multiple")
+  local_len = length // c
+  divisor = max(d for d in range(1, min(chunk, local_len) + 1) if local_len % d == 0)
+  chunk = divisor if 2 * divisor >= min(chunk, local_len) else chunk
+
   def local(q, k, v, valid, *seg):
     gather = lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
     slots = jax.lax.axis_index(AXIS) * q.shape[1] + jnp.arange(q.shape[1], dtype=jnp.int32)
     return attend(q, gather(k), gather(v), slots, gather(valid), impl=impl, chunk=chunk,
                   segment_ids=seg[0] if seg else None, k_segment_ids=gather(seg[0]) if seg else None)
 
-  if length % c:
-    raise ValueError(f"decoder attention: sequence length {length} is not divisible by the context axis "
-                     f"size {c}; pad data.max_seq_len to a multiple")
   return jax.shard_map(local, in_specs=(qs, ks, ks, ts) + ((ts,) if segment_ids is not None else ()),
                        out_specs=qs)(*args)
