@@ -138,9 +138,10 @@ class Attention(nnx.Module):
     cache_kv: this layer's cache (k, v) [B, S, KV, hd]; the new keys/values are written at `index`
     for this call's attention. segment_ids [B, L] (no cache): packed rows, attention never crosses
     segments. Returns (out [B, L, D], (k_new, v_new) [B, L, KV, hd]).
-    With `context_attention="ring"`, no cache and a context axis > 1, attention runs as a ring
-    (`parallel/ring_attention.py`); zigzag: x, cos, sin, k_valid and segment_ids are already in its
-    zig-zag layout (the Decoder arranges that once for all layers), else each call permutes.
+    With no cache and a context axis C > 1 (L a multiple of C), attention runs as a ring or over
+    all-gathered K/V (`model.decoder.context_attention`, `parallel/ring_attention.py`); zigzag: x, cos,
+    sin, k_valid and segment_ids are already in the ring's zig-zag layout (the Decoder arranges that
+    once for all layers), else each ring call permutes.
     """
     q = constrain(apply_rope(self.q_proj(x), cos, sin), ("batch", "length", "heads", "head_dim"))
     k = constrain(apply_rope(self.k_proj(x), cos, sin), ("batch", "length", "kv_heads", "head_dim"))
@@ -155,7 +156,7 @@ class Attention(nnx.Module):
       k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
     if uses_ring(self.context_attention, cache_kv, x.shape[1]):
       out = ring_attention(q, k, v, k_valid, segment_ids, zigzag=zigzag)
-    elif cache_kv is None and context_size() > 1:
+    elif cache_kv is None and context_size() > 1 and x.shape[1] % context_size() == 0:
       out = allgather_attention(q, k, v, k_valid, segment_ids, impl=self.impl, chunk=self.chunk)
     else:
       out = attend(q, k_all, v_all, q_slots, k_valid, impl=self.impl, chunk=self.chunk,
