@@ -11,9 +11,10 @@ max, sum and weighted value sum). At ring step s chip i holds the K/V of chip j 
 
 So every off-diagonal step is two [n x n] score blocks on every chip (half of the full block, no causal
 mask needed), the diagonal three: the work is the same on all chips, about half of the all-gather's
-L/C x L scores. Score tensors are [B, H, n, n] fp32. Masks otherwise follow `qv_jax.model.attention`: a key is seen only if valid
-(and of the query's segment for packed rows); a query that sees no key at all (padding) gets the
-uniform average of all L values, as the single-device softmax over fully masked scores gives.
+L/C x L scores. Score tensors are [B, H, n, n] fp32. Masks otherwise follow `qv_jax.model.attention`:
+a key is seen only if valid (and of the query's segment for packed rows); a query that sees no key at
+all (padding) gets the uniform average of all L values, as the single-device softmax over fully masked
+scores gives. `allgather_attention` (below) is the same attention by K/V all-gathered once.
 
 The C-1 ring steps are a `lax.scan`. The backward is JAX's autodiff of the shard_map (ppermute transposes
 to the reverse ring), each step under `jax.checkpoint`: the backward keeps per step only that step's
