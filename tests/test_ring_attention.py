@@ -2,6 +2,10 @@
 gradients, GQA, packed segments, padding, tensor-split heads; the whole decoder with
 `context_attention="ring"` equals the unsharded one; bad lengths and modes are one line."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +23,7 @@ from qv_jax.sharding import axis_rules, make_mesh, state_shardings
 from qv_jax.train.flops import matmul_flops
 
 B, L, H, KV, HD = 2, 64, 6, 2, 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mesh(**sizes):
@@ -171,3 +176,11 @@ def test_matmul_flops_count_a_shard_map_body_on_every_chip():
     sharded = jax.shard_map(lambda a, b: a @ b, in_specs=(P(("data", "context")), P()),
                             out_specs=P(("data", "context")))
     assert matmul_flops(sharded, a, b) == matmul_flops(lambda a, b: a @ b, a, b) == 2 * 16 * 8 * 4
+
+
+@pytest.mark.parametrize("module", ["qv_jax.model.decoder", "qv_jax.parallel.context"])
+def test_modules_import_first_in_a_fresh_interpreter(module):
+  # qv_jax.parallel.context and qv_jax.config import each other; neither may be the first import
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+  done = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True, text=True)
+  assert done.returncode == 0, done.stderr.strip().splitlines()[-1:]

@@ -242,8 +242,8 @@ def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_valid: jax.A
                         chunk: int = 512) -> jax.Array:
   """The same attention as `ring_attention` (natural layout), by all-gathering K/V (and key validity,
   segments) over `context` once: each chip runs `qv_jax.model.attention.attend` for its own L / C
-  queries against all L keys (`chunk` lowered to a divisor of L / C of at least half of it, so no query chunk is padding). The
-  backward reduce-scatters dK/dV. L must be a multiple of the context size."""
+  queries against all L keys (`chunk` lowered to a divisor of L / C of at least half of it, so no query
+  chunk is padding). The backward reduce-scatters dK/dV. L must be a multiple of the context size."""
   from qv_jax.model.attention import attend
   c = context_size()
   length = q.shape[1]
