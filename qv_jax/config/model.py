@@ -90,6 +90,7 @@ DECODER_EXTRA_SIZES = {
 }
 
 ATTENTION_IMPLS = ("plain", "chunked")
+CONTEXT_ATTENTION = ("auto", "allgather", "ring")
 
 
 def decoder_defaults(size: str) -> ml_collections.ConfigDict:
@@ -97,11 +98,15 @@ def decoder_defaults(size: str) -> ml_collections.ConfigDict:
 
   attention_impl: "plain" holds the [B, heads, L, S] scores whole; "chunked" processes `attention_chunk`
   queries at a time (exact, rematerialised per chunk), for long training sequences.
+  context_attention: attention of a sequence split over a `context` mesh axis C > 1 (no KV cache):
+  "allgather" gathers K/V once per layer; "ring" passes K/V blocks around a zig-zag ring (the length a
+  multiple of 2C); "auto" is the ring where the length allows, else the all-gather (docs/context.md).
   """
   cfg = dict(_DECODER[size] if size in _DECODER else DECODER_EXTRA_SIZES[size])
   small = cfg["hidden_size"] < 1024
   cfg.update(remat_policy="nothing_saveable", scan_layers=True,
-             attention_impl="plain" if small else "chunked", attention_chunk=512)
+             attention_impl="plain" if small else "chunked", attention_chunk=512,
+             context_attention="auto")
   return ml_collections.ConfigDict(cfg)
 
 
@@ -191,6 +196,8 @@ def validate_decoder(d, compressor=None) -> None:
           f"{d.remat_policy!r}; expected one of {REMAT_POLICIES}")
   require(d.attention_impl in ATTENTION_IMPLS, f"{f}.attention_impl",
           f"{d.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+  mode = d.get("context_attention", "auto")
+  require(mode in CONTEXT_ATTENTION, f"{f}.context_attention", f"{mode!r}; expected one of {CONTEXT_ATTENTION}")
 
 
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",

@@ -6,12 +6,12 @@ from qv_jax.config.mesh import validate_mesh
 from qv_jax.config.model import MODEL_PARTS, validate_model
 from qv_jax.config.sizes import check_size
 from qv_jax.config.train import validate_train
-from qv_jax.parallel.context import check_config as check_context
 
 
 def validate(config, parts=MODEL_PARTS):
   """Checks a whole config; raises `ConfigError` naming the first bad field. Returns the config.
   parts: the model parts to check (a conversion checks only the parts it converts)."""
+  from qv_jax.parallel.context import check_config as check_context   # (it imports this package)
   for section in ("model", "data", "mesh", "train"):
     require(section in config, section, "missing section")
   check_size(config.model.size)

@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 
 from qv_jax.model.rope import apply_rope
+from qv_jax.parallel.context import context_size
+from qv_jax.parallel.ring_attention import allgather_attention, ring_attention, uses_ring
 from qv_jax.sharding import constrain, param
 
 _MASKED = float(np.finfo(np.float32).min)
@@ -75,18 +77,21 @@ def _attend_block(q, k, v, q_slots, k_valid, scale, q_segment=None, k_segment=No
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, k_valid: jax.Array, *,
-           impl: str = "plain", chunk: int = 512, segment_ids: jax.Array | None = None) -> jax.Array:
+           impl: str = "plain", chunk: int = 512, segment_ids: jax.Array | None = None,
+           k_segment_ids: jax.Array | None = None) -> jax.Array:
   """Masked grouped-query attention, softmax in fp32 (HF eager semantics).
 
   q [B, L, H, hd] at slots q_slots [L] int32; k, v [B, S, KV, hd] at slots 0..S-1; k_valid [B, S] bool.
   impl "plain" holds the [B, H, L, S] scores whole; "chunked" runs `chunk` queries at a time under remat
   (exact; memory [B, H, chunk, S]). segment_ids [B, L] (L = S, no cache): block-diagonal causal attention
-  for packed rows, a query sees only its own sample's keys.
+  for packed rows, a query sees only its own sample's keys; k_segment_ids [B, S]: the keys' own when
+  L != S (default: segment_ids).
   """
+  k_segment_ids = segment_ids if k_segment_ids is None else k_segment_ids
   scale = 1.0 / float(np.sqrt(q.shape[-1]))
   length = q.shape[1]
   if impl == "plain" or length <= chunk:
-    return _attend_block(q, k, v, q_slots, k_valid, scale, segment_ids, segment_ids)
+    return _attend_block(q, k, v, q_slots, k_valid, scale, segment_ids, k_segment_ids)
   if impl != "chunked":
     raise ValueError(f"unknown attention impl {impl!r}; expected 'plain' or 'chunked'")
   n = -(-length // chunk)
@@ -104,7 +109,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, k_valid
   def block(args):
     q_chunk, slot_chunk, segment_chunk = args
     return _attend_block(q_chunk, k, v, slot_chunk, k_valid, scale, segment_chunk,
-                         None if segment_chunk is None else segment_ids)
+                         None if segment_chunk is None else k_segment_ids)
 
   out = jax.lax.map(block, (qp, slots, segments))                                          # [n, B, C, H, hd]
   out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], n * chunk, *q.shape[2:])
@@ -122,15 +127,21 @@ class Attention(nnx.Module):
     self.v_proj = HeadProjection(d, kv, hd, heads_axis="kv_heads", use_bias=cfg.qkv_bias, **common)
     self.o_proj = OutProjection(h, hd, d, **common)
     self.impl, self.chunk = cfg.attention_impl, int(cfg.attention_chunk)
+    self.context_attention = cfg.get("context_attention", "auto")
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, k_valid: jax.Array,
                cache_kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0,
-               segment_ids: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+               segment_ids: jax.Array | None = None, zigzag: bool = False
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """x [B, L, D] at slots index..index+L-1; cos/sin [B, L, hd]; k_valid [B, S] (S = L without a cache).
 
     cache_kv: this layer's cache (k, v) [B, S, KV, hd]; the new keys/values are written at `index`
     for this call's attention. segment_ids [B, L] (no cache): packed rows, attention never crosses
     segments. Returns (out [B, L, D], (k_new, v_new) [B, L, KV, hd]).
+    With no cache and a context axis C > 1 (L a multiple of C), attention runs as a ring or over
+    all-gathered K/V (`model.decoder.context_attention`, `parallel/ring_attention.py`); zigzag: x, cos,
+    sin, k_valid and segment_ids are already in the ring's zig-zag layout (the Decoder arranges that
+    once for all layers), else each ring call permutes.
     """
     q = constrain(apply_rope(self.q_proj(x), cos, sin), ("batch", "length", "heads", "head_dim"))
     k = constrain(apply_rope(self.k_proj(x), cos, sin), ("batch", "length", "kv_heads", "head_dim"))
@@ -143,6 +154,11 @@ class Attention(nnx.Module):
       k_all = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
       v_all = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
       k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
-    out = attend(q, k_all, v_all, q_slots, k_valid, impl=self.impl, chunk=self.chunk,
-                 segment_ids=segment_ids)
+    if uses_ring(self.context_attention, cache_kv, x.shape[1]):
+      out = ring_attention(q, k, v, k_valid, segment_ids, zigzag=zigzag)
+    elif cache_kv is None and context_size() > 1 and x.shape[1] % context_size() == 0:
+      out = allgather_attention(q, k, v, k_valid, segment_ids, impl=self.impl, chunk=self.chunk)
+    else:
+      out = attend(q, k_all, v_all, q_slots, k_valid, impl=self.impl, chunk=self.chunk,
+                   segment_ids=segment_ids)
     return self.o_proj(out), (k, v)

@@ -35,6 +35,7 @@ from flax import nnx
 from qv_jax.layers import Dense, RMSNorm
 from qv_jax.model.attention import Attention
 from qv_jax.model.rope import inv_frequencies, rope_tables
+from qv_jax.parallel.ring_attention import from_zigzag, to_zigzag, uses_ring
 from qv_jax.sharding import constrain, param
 
 REMAT_POLICIES = {
@@ -104,8 +105,9 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = DecoderRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **common)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, **common)
 
-  def __call__(self, x, cos, sin, k_valid, cache_kv=None, index=0, segment_ids=None):
-    attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, k_valid, cache_kv, index, segment_ids)
+  def __call__(self, x, cos, sin, k_valid, cache_kv=None, index=0, segment_ids=None, zigzag=False):
+    attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, k_valid, cache_kv, index, segment_ids,
+                              zigzag)
     x = constrain(x + attn, ("batch", "length", "embed"))
     x = x + self.mlp(self.post_attention_layernorm(x))
     return constrain(x, ("batch", "length", "embed")), kv
@@ -135,6 +137,7 @@ class Decoder(nnx.Module):
                  None if scaling is None else tuple(sorted(dict(scaling).items())))
     self.scan_layers = bool(cfg.scan_layers)
     self.remat_policy = cfg.remat_policy
+    self.context_attention = cfg.get("context_attention", "auto")
     common = dict(dtype=self.dtype, param_dtype=param_dtype)
 
     self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **common)
@@ -175,15 +178,16 @@ class Decoder(nnx.Module):
       logits = jnp.einsum("bld,dv->blv", h, kernel, preferred_element_type=jnp.float32)
     return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
-  def _run_layers(self, x, cos, sin, k_valid, cache, segment_ids=None, layer_params=None):
+  def _run_layers(self, x, cos, sin, k_valid, cache, segment_ids=None, layer_params=None, zigzag=False):
     graphdef, state = nnx.split(self.layers)
     index = 0 if cache is None else cache.index
     if layer_params is not None:
-      return self._run_unstacked(graphdef, layer_params, x, cos, sin, k_valid, cache, index, segment_ids)
+      return self._run_unstacked(graphdef, layer_params, x, cos, sin, k_valid, cache, index, segment_ids,
+                                 zigzag)
 
     def body(h, xs):
       layer_state, cache_kv = xs
-      h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, k_valid, cache_kv, index, segment_ids)
+      h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, k_valid, cache_kv, index, segment_ids, zigzag)
       return h, (kv if cache is not None else None)
 
     if self.remat_policy != "none":
@@ -197,7 +201,8 @@ class Decoder(nnx.Module):
       new_kv.append(kv)
     return x, (None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv))
 
-  def _run_unstacked(self, graphdef, layer_params, x, cos, sin, k_valid, cache, index, segment_ids=None):
+  def _run_unstacked(self, graphdef, layer_params, x, cos, sin, k_valid, cache, index, segment_ids=None,
+                     zigzag=False):
     """The layers unrolled over per-layer params (see `split_layers`), without slicing stacked weights."""
     if len(layer_params) != self.num_layers:
       raise ValueError(f"Decoder: {len(layer_params)} layer params for {self.num_layers} layers")
@@ -205,7 +210,7 @@ class Decoder(nnx.Module):
     for i, params in enumerate(layer_params):
       x, kv = nnx.merge(graphdef, params)(x, cos, sin, k_valid,
                                           None if cache is None else (cache.k[i], cache.v[i]), index,
-                                          segment_ids)
+                                          segment_ids, zigzag)
       new_kv.append(kv)
     return x, (None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv))
 
@@ -233,6 +238,11 @@ class Decoder(nnx.Module):
                        f"[B, L] = {(batch, length)}")
     mask = mask.astype(bool)
     positions = jnp.where(mask, positions, 0).astype(jnp.int32)
+    zigzag = uses_ring(self.context_attention, cache, length)
+    if zigzag:     # ring attention's load-balanced layout, once for all layers (undone after them)
+      x = to_zigzag(x, ("batch", "length", "embed"))
+      positions, mask = (to_zigzag(a, ("batch", "length")) for a in (positions, mask))
+      segment_ids = None if segment_ids is None else to_zigzag(segment_ids, ("batch", "length"))
     head_dim, theta, scaling = self.rope
     cos, sin = rope_tables(positions, inv_frequencies(head_dim, theta, None if scaling is None
                                                       else dict(scaling)), self.dtype)
@@ -244,7 +254,9 @@ class Decoder(nnx.Module):
       k_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
     if segment_ids is not None and cache is not None:
       raise ValueError("Decoder: segment_ids (packed rows) are for training, not with a KV cache")
-    x, new_kv = self._run_layers(x, cos, sin, k_valid, cache, segment_ids, layer_params)
+    x, new_kv = self._run_layers(x, cos, sin, k_valid, cache, segment_ids, layer_params, zigzag)
+    if zigzag:
+      x = from_zigzag(x, ("batch", "length", "embed"))
     if cache is not None:
       start = (0, 0, cache.index, 0, 0)
       k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), start)

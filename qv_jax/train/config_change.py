@@ -24,7 +24,7 @@ HARMLESS = frozenset({
     "train.tensorboard", "train.progress_bar", "train.allow_config_change", "train.ce_chunk",
     "model.vision.frame_chunk", "model.vision.remat", "model.compressor.resampler_impl",
     "model.compressor.token_chunk", "model.compressor.save_scores", "model.decoder.remat_policy",
-    "model.decoder.attention_impl", "model.decoder.attention_chunk",
+    "model.decoder.attention_impl", "model.decoder.attention_chunk", "model.decoder.context_attention",
     "data.num_workers", "data.prefetch", "data.read_threads", "data.read_buffer", "data.decode_threads",
     "data.decode_strategy", "mesh.data", "mesh.fsdp", "mesh.tensor", "sharding_rules",
 })

@@ -3,8 +3,9 @@
 XLA's cost analysis counts a while-loop body once, so a step built from `lax.scan` (scanned layers,
 frame chunks, logits chunks, gradient accumulation) is undercounted. Here every `dot_general` and
 convolution is counted as 2·M·N·K (batch dims included) and multiplied by the trip counts of the scans
-around it; remat recomputation in the backward pass is counted because it is in the jaxpr. Elementwise
-work is ignored (it is a few percent at any real size).
+around it; remat recomputation in the backward pass is counted because it is in the jaxpr. A
+`shard_map` body (per-chip shapes) counts once per chip it runs on, so the total is over all chips as
+for GSPMD code. Elementwise work is ignored (it is a few percent at any real size).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def jaxpr_flops(jaxpr) -> float:
       total += max((jaxpr_flops(b.jaxpr) for b in eqn.params["branches"]), default=0.0)
     elif name == "shard_map":                 # the body sees per-device shapes: count every device
       mesh = eqn.params["mesh"]
-      devices = math.prod(mesh.shape[a] for a in eqn.params["newly_manual_axes"])
+      devices = math.prod(mesh.shape[a] for a in eqn.params.get("newly_manual_axes", mesh.axis_names))
       total += devices * sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params))
     else:
       total += sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn.params))
