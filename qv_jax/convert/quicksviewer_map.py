@@ -127,7 +127,7 @@ def derive_config(sources: Iterable[tuple[str, Mapping | None, Mapping[str, tupl
   Quicksviewer checkpoint its LLM fields, `vision_config` or the so400m preset, and `num_queries`,
   `num_heads`), the rest from the matching released size. Validated for the parts the sources hold only
   (a decoder of width 72 converts although no compressor could be built on it)."""
-  from configs.quicksviewer import get_config
+  from qv_jax.config.presets import get_config
   from qv_jax.config import validate
   from qv_jax.convert.decoder_map import decoder_config_from_hf
   sources = list(sources)
