@@ -1,6 +1,6 @@
 """The library points down: `qv_jax` never imports the data pipeline, the experiment configs or the
-launchers, and only its application layer `qv_jax.infer` reads media through `data_pipeline`. See
-docs/contributing.md ("Layers")."""
+launchers, and only its application layer `qv_jax.infer` reads media through `data_pipeline`; no module
+shadows a standard-library one. See docs/contributing.md."""
 
 import ast
 import json
@@ -54,6 +54,16 @@ def test_importing_the_library_loads_no_application_module():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
   assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+def test_no_module_shadows_the_standard_library():
+  """A script run from one of these folders (or a test module, tests/ is on sys.path) puts its folder first
+  on sys.path, where a `inspect.py` would replace the standard library's for everything it imports."""
+  names = set(sys.stdlib_module_names)
+  folders = ("", "data_pipeline", "launch", "configs", "benchmarks", "tests")
+  clashes = [os.path.join(d, f) for d in folders for f in os.listdir(os.path.join(REPO, d))
+             if f.endswith(".py") and f[:-3] in names]
+  assert not clashes, clashes
 
 
 @pytest.mark.parametrize("arg", ["size=qwen2_7b,stage=2", "size=llama3_8b,stage=3", "size=small,stage=1", ""])
