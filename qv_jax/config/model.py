@@ -191,6 +191,7 @@ def validate_decoder(d, compressor=None) -> None:
           f"{d.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
 
 
+# "none", or the name of a `jax.checkpoint_policies` policy the decoder's layers are rematerialised with
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
 
