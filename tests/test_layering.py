@@ -68,12 +68,13 @@ def test_no_module_shadows_the_standard_library():
 
 @pytest.mark.parametrize("arg", ["size=qwen2_7b,stage=2", "size=llama3_8b,stage=3", "size=small,stage=1", ""])
 def test_experiment_file_gives_the_library_preset(arg):
-  """`--config configs/quicksviewer.py:<arg>` parsed as the launchers parse it, from the repository root."""
+  """`--config configs/quicksviewer.py:<arg>` parsed as the launchers parse it."""
   from absl import flags
   from ml_collections import config_flags
   values = flags.FlagValues()
   holder = config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=False)
-  values(["prog", "--config=configs/quicksviewer.py" + (f":{arg}" if arg else "")])
+  path = os.path.join(REPO, "configs", "quicksviewer.py")
+  values(["prog", f"--config={path}" + (f":{arg}" if arg else "")])
   assert holder.value.to_dict() == get_config(arg or None).to_dict()
 
 
