@@ -18,30 +18,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from convert_memory import CHILD, write_safetensors   # noqa: E402
+from qv_jax.convert.fixtures import qwen2_layout, write_config_json  # noqa: E402
 
 
 def make_checkpoint(directory: Path, lm_head_rows: int) -> dict[str, tuple[int, ...]]:
-  vocab, hidden, heads, kv, inter, layers = 512, 64, 4, 2, 128, 2
-  hd = hidden // heads
-  shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-            "lm_head.weight": (lm_head_rows, hidden)}
-  for i in range(layers):
-    p = f"model.layers.{i}."
-    shapes.update({p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.q_proj.bias": (heads * hd,),
-                   p + "self_attn.k_proj.weight": (kv * hd, hidden), p + "self_attn.k_proj.bias": (kv * hd,),
-                   p + "self_attn.v_proj.weight": (kv * hd, hidden), p + "self_attn.v_proj.bias": (kv * hd,),
-                   p + "self_attn.o_proj.weight": (hidden, heads * hd),
-                   p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                   p + "mlp.down_proj.weight": (hidden, inter),
-                   p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
   import numpy as np
+  shapes, config = qwen2_layout(lm_head_rows=lm_head_rows)
   write_safetensors(directory / "model.safetensors", shapes, np.random.default_rng(0))
-  (directory / "config.json").write_text(json.dumps(dict(
-      model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, rope_theta=1e4,
-      rms_norm_eps=1e-6, tie_word_embeddings=False)))
+  write_config_json(directory, config)
   return shapes
 
 

@@ -25,11 +25,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import CompileCounter, device_info, emit  # noqa: E402
-from configs.quicksviewer import get_config  # noqa: E402
 from data_pipeline.collate import Collator  # noqa: E402
 from data_pipeline.packing import PackedCollator, PackingBatch  # noqa: E402
 from data_pipeline.seq_buckets import bound_settings, merged_length_bound  # noqa: E402
 from qv_jax.batch import IGNORE_INDEX  # noqa: E402
+from qv_jax.config import get_config  # noqa: E402
 from qv_jax.sharding import axis_rules, make_mesh  # noqa: E402
 from qv_jax.train.loop import to_global  # noqa: E402
 from qv_jax.train.state import create_train_state  # noqa: E402

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import CompileCounter, device_info, emit, flops, matmul_peak, memory, time_call  # noqa: E402
-from configs.quicksviewer import get_config  # noqa: E402
+from qv_jax.config import get_config  # noqa: E402
 from qv_jax.sharding import axis_rules, make_mesh  # noqa: E402
 from qv_jax.train.flops import matmul_flops  # noqa: E402
 from qv_jax.train.loop import to_global  # noqa: E402

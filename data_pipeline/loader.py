@@ -358,4 +358,20 @@ def make_dataset(config, *, split: str = "train", process_index: int = 0, proces
                 records_per_epoch=per_process, context=context)
 
 
-__all__ = ["Loader", "LoaderIterator", "NoRecordsError", "NoUsableSamplesError", "make_dataset", "ConfigError"]
+def make_data(config, *, seed: int | None = None):
+  """This process's training batches for `qv_jax.train.loop.train(data=...)`: the loader over config.data,
+  or generated batches for `data.dataset_name == "synthetic"`. `seed` defaults to data.shuffle_seed."""
+  import jax
+  d = config.data
+  if d.dataset_name == "synthetic":
+    from qv_jax.train.synthetic_batches import process_synthetic_batches
+    return process_synthetic_batches(config, seed)
+  require(bool(d.dataset_dir) and os.path.isdir(d.dataset_dir), "data.dataset_dir",
+          f"{d.dataset_dir!r} is not a directory")
+  loader = make_dataset(config, split=d.split, process_index=jax.process_index(),
+                        process_count=jax.process_count(), seed=seed)
+  return iter(loader)
+
+
+__all__ = ["Loader", "LoaderIterator", "NoRecordsError", "NoUsableSamplesError", "make_data", "make_dataset",
+           "ConfigError"]

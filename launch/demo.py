@@ -192,6 +192,7 @@ def main(argv=None) -> int:
   times["data_s"] = time.time() - t0
 
   import jax
+  from data_pipeline.loader import make_data as loader_data
   from qv_jax.train.loop import train
   from qv_jax.train.metrics import read_metrics
   stages = []
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
     config = stage_config(args, stage, out, tfds_dir, tokenizer)
     workdir = os.path.join(out, f"stage{stage}")
     logging.info("stage %d: %d steps at lr %g", stage, config.train.total_steps, config.train.learning_rate)
-    summary = train(config, workdir=workdir, devices=jax.devices()[:config.mesh.data])
+    summary = train(config, workdir=workdir, data=loader_data, devices=jax.devices()[:config.mesh.data])
     records = [r for r in read_metrics(workdir) if "loss" in r]
     stages.append({"stage": stage, "steps": config.train.total_steps, "learning_rate": config.train.learning_rate,
                    "final_loss": records[-1]["loss"] if records else None,
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     times[f"stage{stage}_s"] = time.time() - t0
 
   t0 = time.time()
-  from qv_jax.train.evaluate import evaluate
+  from qv_jax.infer.scene_eval import evaluate
   final = stage_config(args, 3, out, tfds_dir, tokenizer)
   with open(os.path.join(out, "data", "validation_truth.json")) as f:
     truth = json.load(f)

@@ -66,6 +66,7 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)   # orbax's per-save INFO lines
   initialize_distributed()
   import jax
+  from data_pipeline.loader import make_data
   from data_pipeline.tfds_builder import NoRecordsError
   from qv_jax.config import ConfigError
   from qv_jax.train.loop import NonFiniteLossError, summary_json, train
@@ -80,7 +81,7 @@ def main(argv):
   if _ALLOW_CHANGE.value:
     config.train.allow_config_change = tuple(_ALLOW_CHANGE.value)
   try:
-    summary = train(config, workdir=workdir, handle_sigint=True)
+    summary = train(config, workdir=workdir, data=make_data, handle_sigint=True)
   except (ConfigError, NonFiniteLossError, NoRecordsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

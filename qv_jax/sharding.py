@@ -10,6 +10,7 @@ when no mesh is active. The rules live in the config (`config.sharding_rules`, d
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 from typing import Any, Callable, Sequence
@@ -26,6 +27,13 @@ jax.config.update("jax_threefry_partitionable", True)
 
 Axes = Sequence[str | None]
 Rules = Sequence[tuple[str, Any]]
+
+# A param at least this large that stays replicated over a mesh axis its rules name (the axis does not
+# divide the dimension) is logged once as a warning: memory and FLOPs the mesh was meant to split.
+REPLICATED_WARN_BYTES = 1 << 20
+
+log = logging.getLogger(__name__)
+_warned: set[tuple] = set()
 
 
 class _RulesContext(threading.local):
@@ -71,9 +79,10 @@ def _mesh_axis_size(mesh, axis) -> int:
 
 
 def logical_to_pspec(axes: Axes | None, rules: Rules | None = None, mesh=None,
-                     shape: Sequence[int] | None = None) -> PartitionSpec:
+                     shape: Sequence[int] | None = None, dropped: list | None = None) -> PartitionSpec:
   """Maps logical names to a PartitionSpec. A mesh axis is used at most once; with `mesh` and `shape`,
-  a dimension that the mesh axes do not divide stays replicated (tiny test configs on 8 devices)."""
+  a dimension that the mesh axes do not divide stays replicated over them (tiny test configs on 8
+  devices); each such (dim, logical name, mesh axes left out) is appended to `dropped` when given."""
   if axes is None:
     return PartitionSpec()
   table = dict(rules if rules is not None else _CURRENT.rules)
@@ -89,8 +98,11 @@ def logical_to_pspec(axes: Axes | None, rules: Rules | None = None, mesh=None,
       target = tuple(t for t in target if t in mesh.shape and mesh.shape[t] > 1)
     target = tuple(t for t in target if t not in used)
     if mesh is not None and shape is not None:
+      wanted = target
       while target and shape[i] % _mesh_axis_size(mesh, target) != 0:
         target = target[:-1]
+      if dropped is not None and len(target) < len(wanted):
+        dropped.append((i, name, wanted[len(target):]))
     if not target:
       out.append(None)
       continue
@@ -116,17 +128,36 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(grid, MESH_AXES)
 
 
-def _variable_pspec(var, mesh, rules) -> PartitionSpec:
+def _variable_pspec(var, mesh, rules, path: str = "?") -> PartitionSpec:
   axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
   value = var.get_value() if isinstance(var, nnx.Variable) else var
-  return logical_to_pspec(axes, rules, mesh, getattr(value, "shape", None))
+  shape = getattr(value, "shape", None)
+  dropped = []
+  spec = logical_to_pspec(axes, rules, mesh, shape, dropped)
+  if dropped:
+    _warn_replicated(path, tuple(shape), getattr(value, "dtype", None), dropped, mesh)
+  return spec
+
+
+def _warn_replicated(path: str, shape: tuple, dtype, dropped: list, mesh) -> None:
+  nbytes = math.prod(shape) * (np.dtype(dtype).itemsize if dtype is not None else 4)
+  key = (path, shape, tuple(dropped), tuple(mesh.shape.items()))
+  if nbytes < REPLICATED_WARN_BYTES or key in _warned:
+    return
+  _warned.add(key)
+  what = "; ".join(f"dim {i} ({name!r}, size {shape[i]}) is not divisible by mesh axes {axes} of size "
+                   f"{_mesh_axis_size(mesh, axes)}" for i, name, axes in dropped)
+  log.warning("param %s %s (%.1f MiB) stays replicated where its rules shard it: %s", path, list(shape),
+              nbytes / 2**20, what)
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
-  """A NamedSharding for every leaf of an nnx State (abstract or concrete), from `logical_axes`."""
-  def one(var):
-    return NamedSharding(mesh, _variable_pspec(var, mesh, rules))
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  """A NamedSharding for every leaf of an nnx State (abstract or concrete), from `logical_axes`. A param
+  of at least REPLICATED_WARN_BYTES left replicated over a mesh axis that does not divide it is logged."""
+  def one(path, var):
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    return NamedSharding(mesh, _variable_pspec(var, mesh, rules, name))
+  return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules | None = None):

@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 
 from qv_jax.convert import readers
 from qv_jax.convert.cli import convert, main
+from qv_jax.convert.fixtures import qwen2_layout, write_config_json
 from qv_jax.convert.mapping import MappingError
 from qv_jax.convert.readers import CheckpointReadError, SafetensorsReader, read_config_json
 from qv_jax.convert.writer import load_converted
@@ -36,24 +37,10 @@ def tiny_decoder(directory, vocab=512, hidden=64, heads=4, kv=2, inter=128, laye
   """A Qwen2-layout checkpoint (random f32) with its config.json; lm_head_rows mis-shapes lm_head."""
   directory.mkdir(parents=True, exist_ok=True)
   rng = np.random.default_rng(seed)
-  hd = hidden // heads
-  shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-            "lm_head.weight": (lm_head_rows or vocab, hidden)}
-  for i in range(layers):
-    p = f"model.layers.{i}."
-    shapes.update({p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.q_proj.bias": (heads * hd,),
-                   p + "self_attn.k_proj.weight": (kv * hd, hidden), p + "self_attn.k_proj.bias": (kv * hd,),
-                   p + "self_attn.v_proj.weight": (kv * hd, hidden), p + "self_attn.v_proj.bias": (kv * hd,),
-                   p + "self_attn.o_proj.weight": (hidden, heads * hd),
-                   p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                   p + "mlp.down_proj.weight": (hidden, inter),
-                   p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
+  shapes, config = qwen2_layout(vocab, hidden, heads, kv, inter, layers, lm_head_rows)
   tensors = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
   save_file(tensors, str(directory / "model.safetensors"))
-  (directory / "config.json").write_text(json.dumps(dict(
-      model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, rope_theta=1e4,
-      rms_norm_eps=1e-6, tie_word_embeddings=False)))
+  write_config_json(directory, config)
   return tensors
 
 

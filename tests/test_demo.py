@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import synthetic
-from qv_jax.train.evaluate import boundary_matches, caption_scores, scores, uniform_starts
+from qv_jax.infer.scene_eval import boundary_matches, caption_scores, scores, uniform_starts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

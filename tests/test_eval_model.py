@@ -5,7 +5,6 @@ uninterrupted run, answering nothing twice; two jax.distributed processes give t
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from eval_fixtures import write_mlvu, write_mvbench, write_videomme
 from infer_fixtures import make_workdir
+from process_util import free_port, run_all
 from test_train_util import CACHE_DIR
 from qv_jax.infer.eval import cli
 from qv_jax.infer.eval.extract import extract_reference
@@ -57,12 +57,6 @@ def test_each_benchmark_through_the_model(workdir, tmp_path, bench):
     assert by_key["action_sequence/0"]["num_frames"] == 4                # 2 s .. 5 s of an 8 s video
     assert by_key["action_sequence/0#reference"]["num_frames"] == 8      # start/end ignored
     assert by_key["episodic_reasoning/0"]["num_frames"] == 6
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _cmd(root, workdir, out, *extra):
@@ -111,21 +105,10 @@ def test_sigkill_then_resume_equals_one_run(workdir, mvbench_root, mvbench_whole
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_score_like_one(workdir, mvbench_root, mvbench_whole, tmp_path):
-  port = _free_port()
+  port = free_port()
   two = tmp_path / "two"
-  procs = [subprocess.Popen(_cmd(mvbench_root, workdir, two, "--coordinator", f"127.0.0.1:{port}",
-                                 "--num-processes", "2", "--process-id", str(i)),
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = []
-  for p in procs:
-    try:
-      outs.append(p.communicate(timeout=300)[0])
-    finally:
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+  outs = run_all([_cmd(mvbench_root, workdir, two, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                       "--process-id", str(i)) for i in range(2)], env=_env(), timeout=300)
   assert '"benchmark": "mvbench"' in outs[0] and '"benchmark"' not in outs[1]   # process 0 reports
   assert json.loads((two / "metrics.json").read_text()) == json.loads((mvbench_whole / "metrics.json").read_text())
   assert (two / "predictions.jsonl").read_text() == (mvbench_whole / "predictions.jsonl").read_text()

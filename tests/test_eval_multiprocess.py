@@ -4,15 +4,13 @@ long (> 30 s, past a device collective's rendezvous timeout) after the other."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 
 from eval_fixtures import write_mvbench
+from process_util import REPO, free_port, run_all
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 SCRIPT = """
@@ -32,30 +30,12 @@ sys.exit(cli.main(sys.argv[1:], answer_fn=Slow() if slow else FakeModel()))
 SLOW_S = 40   # process 1 answers its shard (one batch) 40 s after process 0 has finished its own
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _run(args, n):
-  port = _free_port()
+  port = free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
   cluster = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)]
-  procs = [subprocess.Popen([sys.executable, "-c", f"SLOW_S = {SLOW_S}\n" + SCRIPT, *args, "--cpu-devices", "2", "--no-progress",
-                             *(cluster(i) if n > 1 else ["--distributed", "off"])],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(n)]
-  outs = []
-  for p in procs:
-    try:
-      outs.append(p.communicate(timeout=300)[0])
-    finally:
-      if p.poll() is None:
-        p.kill()
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  return outs
+  return run_all([[sys.executable, "-c", f"SLOW_S = {SLOW_S}\n" + SCRIPT, *args, "--cpu-devices", "2", "--no-progress",
+                   *(cluster(i) if n > 1 else ["--distributed", "off"])] for i in range(n)], env=env, timeout=300)
 
 
 def test_two_processes_score_like_one(tmp_path):

@@ -1,10 +1,10 @@
-"""`data_pipeline.inspect --tokenizer` counts the tokens of exactly the prompt it prints."""
+"""`data_pipeline.inspect_video --tokenizer` counts the tokens of exactly the prompt it prints."""
 
 import json
 
 import pytest
 
-from data_pipeline import inspect
+from data_pipeline import inspect_video
 from data_pipeline.tokenizer import bos_token_id, build_tiny_tokenizer, load_tokenizer
 from videos import write_video
 
@@ -28,7 +28,7 @@ def test_num_tokens_include_the_generation_prompt(tmp_path, capsys, template, en
   video = write_video(tmp_path / "v.mp4", num_frames=90, rate=30)
   tok = build_tiny_tokenizer(["Describe the video.", "at 1.5 s"], tmp_path / "tok.json", template=template,
                              vocab_size=300)
-  assert inspect.main([video, "--tokenizer", tok, "--template", template, "--num-frames", "0"]) == 0
+  assert inspect_video.main([video, "--tokenizer", tok, "--template", template, "--num-frames", "0"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["prompt"].endswith(ending)
   assert out["num_placeholders"] == len(out["timestamps"]) + 1 == 4

@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 
 from configs.quicksviewer import get_config
+from data_pipeline.loader import make_data
 from qv_jax.config import ConfigError
 from qv_jax.model.quicksviewer import Quicksviewer
 from qv_jax.train import checkpoint as ckpt
-from qv_jax.train.loop import NonFiniteLossError, make_data, train
+from qv_jax.train.loop import NonFiniteLossError, train
 from qv_jax.train.synthetic_batches import SyntheticBatches
 from test_train_util import tiny_config
 

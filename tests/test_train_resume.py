@@ -11,6 +11,7 @@ import time
 import jax
 import pytest
 
+from data_pipeline.loader import make_data
 from qv_jax.train.loop import train
 from qv_jax.train.metrics import read_metrics
 from test_train_util import CACHE_DIR, tiny_config
@@ -96,7 +97,7 @@ def test_resume_with_the_grain_loader_matches_uninterrupted(tmp_path, scene_data
     c = tiny_config(1, total_steps=5, **kw)
     c.data.dataset_name, c.data.dataset_dir, c.data.tokenizer_path = "scenes", tfds_dir, tokenizer
     c.data.num_workers = 0
-    return train(c, workdir=str(workdir), devices=[jax.devices()[0]])
+    return train(c, workdir=str(workdir), data=make_data, devices=[jax.devices()[0]])
 
   full = run(tmp_path / "full")
   first = run(tmp_path / "split", stop_at=2)

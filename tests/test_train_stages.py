@@ -8,6 +8,7 @@ import math
 import jax
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from qv_jax.config.train import STAGE_TRAINABLE
 from qv_jax.model.gumbel import gumbel_noise_weight
@@ -15,7 +16,7 @@ from qv_jax.sharding import axis_rules, make_mesh
 from qv_jax.train import checkpoint as ckpt
 from qv_jax.train.loop import train
 from qv_jax.train.schedules import learning_rate_schedule, noise_weight
-from qv_jax.train.stages import flat_paths, trainable_groups
+from qv_jax.train.stages import trainable_groups
 from qv_jax.train.state import create_train_state, full_params, merge_trees, train_state_spec
 from test_train_util import tiny_config
 
@@ -23,7 +24,7 @@ STEPS = 5
 
 
 def _names(tree):
-  return {"/".join(map(str, k)) for k in flat_paths(tree)}
+  return {"/".join(map(str, k)) for k in flatten_dict(tree)}
 
 
 def _load(workdir, config):
@@ -41,7 +42,7 @@ def _initial(config):
 
 
 def _changed(before, after):
-  a, b = flat_paths(before), flat_paths(after)
+  a, b = flatten_dict(before), flatten_dict(after)
   return {"/".join(map(str, k)) for k in a if not np.array_equal(np.asarray(a[k]), np.asarray(b[k]))}
 
 

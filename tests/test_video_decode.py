@@ -218,7 +218,7 @@ def test_inspect_cli(vids, tmp_path):
   from data_pipeline.tokenizer import build_tiny_tokenizer
   tok = build_tiny_tokenizer(["Describe the video 0.5 1.5"], tmp_path / "tok.json")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  run = subprocess.run([sys.executable, "-m", "data_pipeline.inspect", vids["short"], "--question", "What?",
+  run = subprocess.run([sys.executable, "-m", "data_pipeline.inspect_video", vids["short"], "--question", "What?",
                         "--tokenizer", tok], capture_output=True, text=True, env=env, timeout=120)
   assert run.returncode == 0, run.stderr
   import json
@@ -228,7 +228,7 @@ def test_inspect_cli(vids, tmp_path):
   assert out["prompt"] == ("<|im_start|>user\n<video_start><thumbnail_start><image><thumbnail_end>0.2<image>0.7"
                            "<image>1.2<image><video_end>\nWhat?<|im_end|>\n<|im_start|>assistant\n")
   assert out["num_placeholders"] == 4 and out["num_tokens"] > 20
-  bad = subprocess.run([sys.executable, "-m", "data_pipeline.inspect", vids["garbage"]], capture_output=True,
+  bad = subprocess.run([sys.executable, "-m", "data_pipeline.inspect_video", vids["garbage"]], capture_output=True,
                        text=True, env=env, timeout=120)
   assert bad.returncode == 2 and "corrupt" in bad.stderr
 

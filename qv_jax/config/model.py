@@ -200,6 +200,7 @@ def validate_decoder(d, compressor=None) -> None:
   require(mode in CONTEXT_ATTENTION, f"{f}.context_attention", f"{mode!r}; expected one of {CONTEXT_ATTENTION}")
 
 
+# "none", or the name of a `jax.checkpoint_policies` policy the decoder's layers are rematerialised with
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
 

@@ -93,7 +93,7 @@ def initialised_params(model_config, seed: int = 0) -> dict[str, np.ndarray]:
 
 def _config_from_tensors(names: Mapping[str, str], tensors: Mapping[str, np.ndarray]):
   """A config.model whose compressor dims (Dv, D, Q) are read from the kv_proj and query tensors."""
-  from configs.quicksviewer import get_config
+  from qv_jax.config.presets import get_config
   from qv_jax.convert.mapping import MappingError
   missing = [n for n in ("vision_resampler.kv_proj.weight", "vision_resampler.query") if n not in names]
   if missing:

@@ -84,6 +84,14 @@ def _fmt(items: Iterable[Any]) -> str:
   return "\n".join(f"  {i}" for i in items)
 
 
+def raise_mismatch(headline: str, sections: Sequence[tuple[str, Sequence[str]]]) -> None:
+  """Raises one `MappingError` "<headline>:" listing every non-empty (heading, item lines) section; returns
+  when all are empty."""
+  problems = [f"{heading}:\n" + _fmt(items) for heading, items in sections if items]
+  if problems:
+    raise MappingError(f"{headline}:\n" + "\n".join(problems))
+
+
 def apply_table(table: Sequence[Rule], names: Iterable[str], load: Callable[[str], np.ndarray],
                 expected: Mapping[str, tuple[int, ...]] | None = None,
                 ignore: Sequence[str] = (), sink: Callable[[str, np.ndarray], None] | None = None
@@ -154,23 +162,14 @@ def apply_table(table: Sequence[Rule], names: Iterable[str], load: Callable[[str
     emit(path, np.stack([parts[i] for i in range(n)]))
     del parts
 
-  problems = []
-  if unmatched:
-    problems.append("source tensors no rule maps:\n" + _fmt(unmatched))
-  if duplicate:
-    problems.append("targets written twice:\n" + _fmt(duplicate))
-  if bad_shape:
-    problems.append("mis-shaped tensors:\n" + _fmt(bad_shape))
+  missing, extra = [], []
   if expected is not None:
-    missing_targets = sorted(set(expected) - set(out))
-    extra_targets = sorted(set(out) - set(expected))
-    if missing_targets:
-      problems.append("target params no source provides:\n" +
-                      _fmt(f"{p}: {tuple(expected[p])}" for p in missing_targets))
-    if extra_targets:
-      problems.append("targets the model does not have:\n" + _fmt(extra_targets))
-  if problems:
-    raise MappingError("checkpoint does not match the model:\n" + "\n".join(problems))
+    missing = [f"{p}: {tuple(expected[p])}" for p in sorted(set(expected) - set(out))]
+    extra = sorted(set(out) - set(expected))
+  raise_mismatch("checkpoint does not match the model", [
+      ("source tensors no rule maps", unmatched), ("targets written twice", duplicate),
+      ("mis-shaped tensors", bad_shape), ("target params no source provides", missing),
+      ("targets the model does not have", extra)])
   return out, report
 
 

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from qv_jax.batch import SPECIAL_TOKENS
-from qv_jax.convert.mapping import MappingError, Rule, apply_table, with_prefix
+from qv_jax.convert.mapping import MappingError, Rule, apply_table, raise_mismatch, with_prefix
 from qv_jax.convert.siglip_map import (SIGLIP_IGNORE, SIGLIP_MODEL_TYPES, SIGLIP_TABLE,
                                        expected_vision_shapes, vision_config_from_hf)
 
@@ -128,7 +128,7 @@ def derive_config(sources: Iterable[tuple[str, Mapping | None, Mapping[str, tupl
   Quicksviewer checkpoint its LLM fields, `vision_config` or the so400m preset, and `num_queries`,
   `num_heads`), the rest from the matching released size. Validated for the parts the sources hold only
   (a decoder of width 72 converts although no compressor could be built on it)."""
-  from configs.quicksviewer import get_config
+  from qv_jax.config.presets import get_config
   from qv_jax.config import validate
   from qv_jax.convert.decoder_map import decoder_config_from_hf
   sources = list(sources)
@@ -248,8 +248,12 @@ def plan(table: Iterable[Rule], names: Iterable[str], ignore: Iterable[str] = ()
   return groups, ignored, unmatched, sorted(set(clashes))
 
 
+def _source_line(name: str, shape: Callable[[str], Any], dtype: Callable[[str], Any]) -> str:
+  return f"{name}: {list(shape(name))} {dtype(name)}"
+
+
 def _fmt_source(names: Iterable[str], shape: Callable[[str], Any], dtype: Callable[[str], Any]) -> str:
-  return "\n".join(f"  {n}: {list(shape(n))} {dtype(n)}" for n in names)
+  return "\n".join(f"  {_source_line(n, shape, dtype)}" for n in names)
 
 
 def build_group(table: list[Rule], paths: tuple[str, ...], group: Group, load: Callable[[str], np.ndarray],
@@ -304,22 +308,15 @@ def convert_tensors(reader, layout: str, model_config, sink: Callable[[str, np.n
   names = reader.names()
   groups, ignored, unmatched, clashes = plan(table, names, ignore)
 
-  problems = []
-  if unmatched:
-    problems.append("source tensors no rule maps:\n" + _fmt_source(unmatched, reader.shape, reader.dtype))
-  if clashes:
-    problems.append("targets written by several rules:\n" + "\n".join(f"  {p}" for p in clashes))
   owner = {p: g.names for paths, g in groups.items() for p in paths}
-  missing = sorted(set(expected) - set(owner))
-  if missing:
-    problems.append("target params no source tensor provides:\n" +
-                    "\n".join(f"  {p}: {list(expected[p])}" for p in missing))
-  extra = sorted(set(owner) - set(expected))
-  if extra:
-    problems.append("targets the model does not have (from source tensors):\n" +
-                    "\n".join(f"  {p} <- {owner[p][:3]}" for p in extra))
-  if problems:
-    raise MappingError(f"{where} does not match the model config:\n" + "\n".join(problems))
+  raise_mismatch(f"{where} does not match the model config", [
+      ("source tensors no rule maps", [_source_line(n, reader.shape, reader.dtype) for n in unmatched]),
+      ("targets written by several rules", clashes),
+      ("target params no source tensor provides",
+       [f"{p}: {list(expected[p])}" for p in sorted(set(expected) - set(owner))]),
+      ("targets the model does not have (from source tensors)",
+       [f"{p} <- {owner[p][:3]}" for p in sorted(set(owner) - set(expected))]),
+  ])
 
   vocab = int(model_config.decoder.vocab_size) if "decoder" in LAYOUT_PARTS[layout] else None
   first = {n: i for i, n in enumerate(names)}

@@ -9,18 +9,15 @@ probability), the timestamps, timings and the exact prompt. Errors are one line 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 
-from qv_jax.infer.cli_common import add_common, expected_errors, fail, load_model, video_arg
+from qv_jax.infer.cli_common import load_model, parser, run_or_fail, video_arg
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="qv-ask", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_common(p)
+  p = parser("qv-ask", __doc__)
   p.add_argument("question")
   p.add_argument("--max-new-tokens", type=int, default=2048)
   p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0 samples")
@@ -35,20 +32,17 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
   args = parse_args(argv)
   from qv_jax.infer.api import answer
-  try:
-    model = load_model(args)
-    on_text = None
-    if args.stream and not args.json:
-      def on_text(delta):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    result = answer(model, video_arg(args), args.question, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                    num_frames=args.num_frames, fps=args.fps, on_text=on_text)
-  except expected_errors() as e:
-    return fail("qv-ask", e)
-  except ValueError as e:
-    return fail("qv-ask", e)
+  on_text = None
+  if args.stream and not args.json:
+    def on_text(delta):
+      sys.stdout.write(delta)
+      sys.stdout.flush()
+  result, status = run_or_fail("qv-ask", lambda: answer(
+      load_model(args), video_arg(args), args.question, max_new_tokens=args.max_new_tokens,
+      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+      num_frames=args.num_frames, fps=args.fps, on_text=on_text))
+  if status is not None:
+    return status
   if args.json:
     out = dataclasses.asdict(result)
     out["video"] = args.video

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Callable
 
 from qv_jax.infer.types import Clip
+
+
+def parser(prog: str, doc: str) -> argparse.ArgumentParser:
+  """The command's parser with the shared flags; `doc` (the module docstring) is its help text."""
+  p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_common(p)
+  return p
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -35,6 +43,14 @@ def fail(prog: str, error: BaseException) -> int:
   message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
   print(f"{prog}: error: {message}", file=sys.stderr)
   return 2
+
+
+def run_or_fail(prog: str, fn: Callable[[], Any]) -> tuple[Any, int | None]:
+  """(fn(), None), or (None, exit status 2) after one `prog: error: ...` line for an expected error."""
+  try:
+    return fn(), None
+  except (*expected_errors(), ValueError) as e:
+    return None, fail(prog, e)
 
 
 def expected_errors():

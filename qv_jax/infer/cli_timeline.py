@@ -13,18 +13,15 @@ one line on stderr, exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from qv_jax.infer.cli_common import add_common, expected_errors, fail, load_model, video_arg
+from qv_jax.infer.cli_common import load_model, parser, run_or_fail, video_arg
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="qv-timeline", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  add_common(p)
+  p = parser("qv-timeline", __doc__)
   p.add_argument("--out", required=True, help="output directory (timeline.json, timeline.png)")
   p.add_argument("--uniform", action="store_true", help="draw the uniform partition dashed for comparison")
   return p.parse_args(argv)
@@ -33,14 +30,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
   args = parse_args(argv)
   from qv_jax.infer.timeline import write_timeline
-  try:
-    model = load_model(args)
-    timeline = write_timeline(model, video_arg(args), args.out, num_frames=args.num_frames, fps=args.fps,
-                              uniform=args.uniform)
-  except expected_errors() as e:
-    return fail("qv-timeline", e)
-  except ValueError as e:
-    return fail("qv-timeline", e)
+  timeline, status = run_or_fail("qv-timeline", lambda: write_timeline(
+      load_model(args), video_arg(args), args.out, num_frames=args.num_frames, fps=args.fps, uniform=args.uniform))
+  if status is not None:
+    return status
   summary = {"out": os.path.abspath(args.out), "kind": timeline["kind"], "num_frames": timeline["num_frames"]}
   if "kept_tokens" in timeline:
     summary.update(kept_tokens=timeline["kept_tokens"], budget_tokens=timeline["budget_tokens"])

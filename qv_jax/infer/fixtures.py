@@ -17,7 +17,7 @@ def make_workdir(directory: str, *, size: str = "tiny", seed: int = 0, step: int
   import orbax.checkpoint as ocp
   from flax import nnx
 
-  from configs.quicksviewer import get_config
+  from qv_jax.config.presets import get_config
   from data_pipeline import synthetic
   from data_pipeline.tokenizer import build_tiny_tokenizer
   from qv_jax.config import validate

@@ -9,6 +9,18 @@ from flax import nnx
 from qv_jax.sharding import param
 
 
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float) -> jax.Array:
+  """LayerNorm over the last axis in fp32 (PyTorch semantics: biased variance, eps inside the sqrt),
+  returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm over the last axis (PyTorch semantics: biased variance, eps inside the sqrt)."""
 
@@ -20,13 +32,8 @@ class LayerNorm(nnx.Module):
                  if use_bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.get_value().astype(jnp.float32)
-    if self.bias is not None:
-      y = y + self.bias.get_value().astype(jnp.float32)
-    return y.astype(x.dtype)
+    bias = self.bias.get_value() if self.bias is not None else None
+    return layer_norm(x, self.scale.get_value(), bias, self.eps)
 
 
 class RMSNorm(nnx.Module):

@@ -38,13 +38,6 @@ from qv_jax.model.rope import inv_frequencies, rope_tables
 from qv_jax.parallel.ring_attention import from_zigzag, to_zigzag, uses_ring
 from qv_jax.sharding import constrain, param
 
-REMAT_POLICIES = {
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-}
-
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
@@ -191,7 +184,8 @@ class Decoder(nnx.Module):
       return h, (kv if cache is not None else None)
 
     if self.remat_policy != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
+      policy = getattr(jax.checkpoint_policies, self.remat_policy)    # names: config.model.REMAT_POLICIES
+      body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
     cache_kv = None if cache is None else (cache.k, cache.v)
     if self.scan_layers:
       return jax.lax.scan(body, x, (state, cache_kv))

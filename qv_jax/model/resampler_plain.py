@@ -13,15 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from qv_jax.layers.norms import layer_norm
 from qv_jax.model.sincos import sincos_3d
-
-
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-  """LayerNorm over the last axis in fp32 (PyTorch semantics), returned in x's dtype."""
-  x32 = x.astype(jnp.float32)
-  mean = x32.mean(-1, keepdims=True)
-  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)
 
 
 def scaled_queries(w, num_heads: int, eps: float) -> jax.Array:

@@ -23,9 +23,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from qv_jax.train import checkpoint_integrity as integrity
-from qv_jax.train.stages import flat_paths
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,9 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 def _shape_report(saved: dict, expected: dict) -> list[tuple[str, str]]:
   """[(param path, what differs)] for every param missing, unexpected or of another shape."""
-  saved_flat = {"/".join(map(str, k)): tuple(getattr(v, "shape", ())) for k, v in flat_paths(saved).items()}
-  want_flat = {"/".join(map(str, k)): tuple(v.shape) for k, v in flat_paths(expected).items()}
+  saved_flat = {"/".join(map(str, k)): tuple(getattr(v, "shape", ()))
+                for k, v in traverse_util.flatten_dict(saved).items()}
+  want_flat = {"/".join(map(str, k)): tuple(v.shape) for k, v in traverse_util.flatten_dict(expected).items()}
   problems = []
   for k in sorted(set(want_flat) | set(saved_flat)):
     if k not in saved_flat:

@@ -99,20 +99,16 @@ class _Stop:
       signal.signal(s, old)
 
 
-def make_data(config, *, seed: int | None = None) -> Iterator[dict]:
-  """This process's batch iterator: the Grain loader over config.data, or `data.dataset_name == "synthetic"`
-  for generated batches."""
+def default_data(config) -> Iterator[dict]:
+  """The batches `train` uses when none are handed in: generated ones for `data.dataset_name ==
+  "synthetic"`. A dataset on disk is read by the application layer above the library
+  (`data_pipeline.loader.make_data`, which `launch/train.py` calls) and passed as `data=`."""
   d = config.data
-  if d.dataset_name == "synthetic":
-    from qv_jax.train.synthetic_batches import SyntheticBatches
-    return SyntheticBatches(config, seed=int(d.shuffle_seed if seed is None else seed),
-                            process_index=jax.process_index(), process_count=jax.process_count())
-  from data_pipeline.loader import make_dataset
-  require(bool(d.dataset_dir) and os.path.isdir(d.dataset_dir), "data.dataset_dir",
-          f"{d.dataset_dir!r} is not a directory")
-  loader = make_dataset(config, split=d.split, process_index=jax.process_index(),
-                        process_count=jax.process_count(), seed=seed)
-  return iter(loader)
+  require(d.dataset_name == "synthetic", "data.dataset_name",
+          f"{d.dataset_name!r} is read from disk: pass train(data=data_pipeline.loader.make_data) "
+          f"(as launch/train.py does) or an iterator of batches")
+  from qv_jax.train.synthetic_batches import process_synthetic_batches
+  return process_synthetic_batches(config)
 
 
 def check_batch(batch: dict, config, step: int) -> None:
@@ -187,11 +183,14 @@ def _restore(config, mesh, rules, checkpointer, data_iter):
                     rng=meta["rng"]), spec
 
 
-def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = None,
+def train(config, *, workdir: str | None = None,
+          data: Iterator[dict] | Callable[[Any], Iterator[dict]] | None = None,
           on_step: Callable[[int, dict], None] | None = None, handle_sigint: bool = False,
           devices=None) -> TrainSummary:
   """Runs (or resumes) one stage to `train.total_steps` (or `train.stop_at`). `data`: an iterator of this
-  process's batches with get_state/set_state (default: `make_data(config)`); `devices`: the mesh's devices
+  process's batches with get_state/set_state, or a function config -> such an iterator, called after the
+  config and resume checks (`data_pipeline.loader.make_data`); default: the generated batches of
+  `default_data`, for `data.dataset_name == "synthetic"` only. `devices`: the mesh's devices
   (default: all); `on_step(step, host_metrics)` is called after every step."""
   workdir = workdir or config.train.workdir
   require(bool(workdir), "train.workdir", "a work directory is required")
@@ -210,7 +209,12 @@ def train(config, *, workdir: str | None = None, data: Iterator[dict] | None = N
     enable_compilation_cache(t.compilation_cache_dir)
   if jax.process_index() == 0:
     write_config(config, workdir, resumed_step)
-  data_iter = data if data is not None else make_data(config)
+  if data is None:
+    data_iter = default_data(config)
+  elif callable(data) and not hasattr(data, "__next__"):
+    data_iter = data(config)
+  else:
+    data_iter = data
   checkpointer = ckpt.Checkpointer(workdir, keep=t.keep_checkpoints, async_save=t.async_checkpointing)
   stop = _Stop(handle_sigint)
   writer = None

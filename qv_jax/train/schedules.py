@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 import optax
+
+from qv_jax.model.gumbel import gumbel_noise_weight
 
 
 def warmup_steps(train_config) -> int:
@@ -25,10 +26,8 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
 
 
 def noise_weight(step, train_config):
-  """η(step) = η_min + (η_max − η_min)·(1 + cos(π·step/M))/2 for step ≤ M = fraction · total_steps, η_min
-  after; `step` counts optimizer steps completed in this stage (0 on the first batch). Traceable."""
+  """η(step) of `gumbel_noise_weight` with the stage's gumbel_eta_max / gumbel_eta_min /
+  gumbel_anneal_fraction; `step` counts optimizer steps completed in this stage (0 on the first batch)."""
   t = train_config
-  horizon = max(float(t.gumbel_anneal_fraction) * float(t.total_steps), 1e-9)
-  s = jnp.minimum(jnp.asarray(step, jnp.float32), horizon)
-  cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * s / horizon))
-  return t.gumbel_eta_min + (t.gumbel_eta_max - t.gumbel_eta_min) * cosine
+  return gumbel_noise_weight(step, t.total_steps, eta_max=t.gumbel_eta_max, eta_min=t.gumbel_eta_min,
+                             fraction=t.gumbel_anneal_fraction)

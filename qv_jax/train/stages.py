@@ -56,24 +56,3 @@ def split_model(model: nnx.Module, groups: tuple[str, ...]):
   rebuilds the model. `frozen` holds every other variable too."""
   graphdef, trainable, frozen = nnx.split(model, trainable_filter(groups), ...)
   return graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
-
-
-def flat_paths(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-  """{('decoder', 'norm', 'scale'): leaf, ...} of a pure nested dict."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(flat_paths(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def unflatten(flat: dict[tuple, Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out

@@ -14,7 +14,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qv_jax.model.quicksviewer import Quicksviewer
@@ -49,35 +49,25 @@ def model_factory(config) -> Callable[[], Quicksviewer]:
 
 def merge_trees(a: dict, b: dict) -> dict:
   """Union of two nested dicts with disjoint leaves."""
-  out = dict(a)
-  for k, v in b.items():
-    out[k] = merge_trees(out[k], v) if k in out and isinstance(v, dict) else v
-  return out
+  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(a, keep_empty_nodes=True),
+                                       **traverse_util.flatten_dict(b, keep_empty_nodes=True)})
 
 
 def replace_leaves(base: dict, update: dict) -> dict:
   """`base` with the leaves present in `update` replaced (update's paths must exist in base)."""
-  out = dict(base)
-  for k, v in update.items():
-    out[k] = replace_leaves(base[k], v) if isinstance(v, dict) else v
-  return out
+  flat, new = traverse_util.flatten_dict(base), traverse_util.flatten_dict(update)
+  unknown = sorted("/".join(map(str, p)) for p in new.keys() - flat.keys())
+  if unknown:
+    raise KeyError(f"params not in the model: {unknown[:5]}")
+  return traverse_util.unflatten_dict({**flat, **new})
 
 
 def split_tree(full: dict, like: dict) -> tuple[dict, dict]:
   """Splits `full` into (the leaves present in `like`, the rest)."""
-  inside, outside = {}, {}
-  for k, v in full.items():
-    if k in like and isinstance(v, dict):
-      a, b = split_tree(v, like[k])
-      if a:
-        inside[k] = a
-      if b:
-        outside[k] = b
-    elif k in like:
-      inside[k] = v
-    else:
-      outside[k] = v
-  return inside, outside
+  paths = traverse_util.flatten_dict(like).keys()
+  flat = traverse_util.flatten_dict(full)
+  return (traverse_util.unflatten_dict({p: v for p, v in flat.items() if p in paths}),
+          traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in paths}))
 
 
 def _replicated(mesh):

@@ -136,3 +136,11 @@ class SyntheticBatches:
     base = palette[np.asarray(colour_ids)][:, None, None, :]
     noise = rng.integers(-12, 13, size=(len(colour_ids), self.size, self.size, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def process_synthetic_batches(config, seed: int | None = None) -> SyntheticBatches:
+  """This process's share of the generated batches (`data.dataset_name == "synthetic"`); `seed` defaults
+  to data.shuffle_seed."""
+  import jax
+  return SyntheticBatches(config, seed=int(config.data.shuffle_seed if seed is None else seed),
+                          process_index=jax.process_index(), process_count=jax.process_count())

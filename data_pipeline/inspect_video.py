@@ -2,7 +2,7 @@
 prompt text (and, with --tokenizer, the token count of exactly that prompt, the generation prompt's final
 `<|im_start|>assistant\\n` included). Prints JSON; a bad file prints the reason and exits 2.
 
-  python -m data_pipeline.inspect VIDEO [--question Q] [--num-frames 420] [--fps 1] [--template qwen2]
+  python -m data_pipeline.inspect_video VIDEO [--question Q] [--num-frames 420] [--fps 1] [--template qwen2]
                                         [--tokenizer tokenizer.json]
 """
 
@@ -48,7 +48,7 @@ def inspect_video(path: str, *, question: str, num_frames: int | None, fps: floa
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m data_pipeline.inspect", description=__doc__,
+  ap = argparse.ArgumentParser(prog="python -m data_pipeline.inspect_video", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("video")
   ap.add_argument("--question", default="Describe the video.")
