@@ -32,7 +32,6 @@ from benchmarks.common import emit  # noqa: E402
 from qv_jax.config.mesh import LOGICAL_AXIS_RULES  # noqa: E402
 from qv_jax.config.model import decoder_defaults  # noqa: E402
 from qv_jax.model.attention import Attention  # noqa: E402
-from qv_jax.model.decoder import REMAT_POLICIES  # noqa: E402
 from qv_jax.model.rope import inv_frequencies, rope_tables  # noqa: E402
 from qv_jax.parallel.ring_attention import from_zigzag, to_zigzag  # noqa: E402
 from qv_jax.plan.target import load_target, target_mesh  # noqa: E402
@@ -51,7 +50,7 @@ def layer_step(mode: str, length: int):
   abstract = nnx.eval_shape(lambda: Attention(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                                               rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract)
-  policy = REMAT_POLICIES[cfg.remat_policy]
+  policy = None if cfg.remat_policy == "none" else getattr(jax.checkpoint_policies, cfg.remat_policy)
 
   def loss(params, x, dy):
     positions = jnp.arange(length, dtype=jnp.int32)[None]

@@ -129,13 +129,14 @@ def _finished(workdir: str, steps: int) -> bool:
 def run_stage(config, workdir: str) -> dict:
   """Trains (or resumes) one stage; a finished one is not reopened. Returns its record."""
   import jax
+  from data_pipeline.loader import make_data
   from qv_jax.train.loop import train
   from qv_jax.train.metrics import read_metrics
   t0 = time.time()
   steps = int(config.train.total_steps)
   if not _finished(workdir, steps):
     logging.info("%s: %d steps at lr %g", workdir, steps, config.train.learning_rate)
-    train(config, workdir=workdir, devices=jax.devices()[:config.mesh.data])
+    train(config, workdir=workdir, data=make_data, devices=jax.devices()[:config.mesh.data])
   rows = [r for r in read_metrics(workdir) if "loss" in r]
   return {"workdir": os.path.basename(os.path.dirname(workdir)) + "/" + os.path.basename(workdir),
           "steps": steps, "first_loss": rows[0]["loss"] if rows else None,
@@ -246,7 +247,6 @@ def prefill_cost(model, length: int, repeats: int) -> dict:
   prompt of `length` tokens."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from qv_jax.infer import runner
   from qv_jax.model.generate import Generator
   from qv_jax.train.flops import matmul_flops
@@ -275,7 +275,7 @@ def evaluate_budget(model, kind: str, budget: int, knob: dict, dims: dict, recor
   """One (kind, budget) row: answers, accuracy, boundary scores, tokens, prefill cost."""
   import numpy as np
   from qv_jax.infer import answer_batch
-  from qv_jax.train.evaluate import _question, caption_scores, scores
+  from qv_jax.infer.scene_eval import _question, caption_scores, scores
   variant = at_budget(model, knob)
   d = variant.config.data
   items = [(os.path.join(root, r["video"]), _question(r)) for r in records]
