@@ -42,11 +42,11 @@ from data_pipeline.errors import BadSampleError
 from data_pipeline.image import DEFAULT_PINPOINTS, read_image_crops
 from data_pipeline.preprocess import dummy_image, normalize
 from data_pipeline.prompt import tokenize_sample
-from data_pipeline.seq_buckets import bound_settings, merged_length_bound, packed_layout, sequence_buckets
+from data_pipeline.seq_buckets import bound_settings, merged_length_bound
 from data_pipeline.tokenizer import load_tokenizer, pad_token_id
 from data_pipeline.tsv_frames import read_frame_list
 from data_pipeline.video import read_video
-from qv_jax.batch import IMAGE_TOKEN_INDEX, MODALITY_IMAGE, MODALITY_VIDEO, batch_keys
+from qv_jax.batch import IMAGE_TOKEN_INDEX, MODALITY_IMAGE, MODALITY_VIDEO, batch_keys, packed_layout, sequence_buckets
 from qv_jax.config.data import validate_data
 from qv_jax.config.errors import ConfigError, require
 

@@ -39,12 +39,6 @@ def bound_settings(model_config) -> dict:
               image_len=int(c.num_queries), frames_per_cube=int(c.frames_per_cube))
 
 
-def sequence_buckets(data_config) -> tuple[int, ...]:
-  """The static decoder lengths: data.seq_buckets, or (data.max_seq_len,) when only packing is on."""
-  buckets = tuple(int(b) for b in data_config.seq_buckets)
-  return buckets or (int(data_config.max_seq_len),)
-
-
 def pick_seq_bucket(length: int, buckets: Sequence[int]) -> int:
   """The smallest bucket ≥ length; ValueError naming data.seq_buckets if none is."""
   for bucket in buckets:
@@ -52,8 +46,3 @@ def pick_seq_bucket(length: int, buckets: Sequence[int]) -> int:
       return int(bucket)
   raise ValueError(f"a merged length of {length} tokens does not fit the largest sequence bucket "
                    f"{buckets[-1]} (config field `data.seq_buckets`)")
-
-
-def packed_layout(data_config) -> bool:
-  """True when batches use the packed layout of qv_jax/batch.py (sequence buckets or packed rows are on)."""
-  return bool(tuple(data_config.get("seq_buckets", ()))) or int(data_config.get("pack_samples", 1)) > 1

@@ -69,6 +69,17 @@ def batch_keys(batch) -> tuple[str, ...]:
   return PACKED_KEYS if is_packed(batch) else BATCH_KEYS
 
 
+def packed_layout(data_config) -> bool:
+  """True when batches use the packed layout of qv_jax/batch.py (sequence buckets or packed rows are on)."""
+  return bool(tuple(data_config.get("seq_buckets", ()))) or int(data_config.get("pack_samples", 1)) > 1
+
+
+def sequence_buckets(data_config) -> tuple[int, ...]:
+  """The static decoder lengths: data.seq_buckets, or (data.max_seq_len,) when only packing is on."""
+  buckets = tuple(int(b) for b in data_config.seq_buckets)
+  return buckets or (int(data_config.max_seq_len),)
+
+
 def batch_shapes(config, batch_size: int, num_frames: int) -> dict[str, tuple[tuple[int, ...], str]]:
   """{key: (shape, dtype name)} of a batch for `num_frames` = the bucket F."""
   d = config.data

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qv_jax.batch import batch_shapes, packed_batch_shapes
+from qv_jax.batch import batch_shapes, packed_batch_shapes, packed_layout, sequence_buckets
 from qv_jax.sharding import data_sharding
 
 
@@ -50,7 +50,6 @@ def abstract_batch(config, mesh, batch_size: int | None = None, num_frames: int 
   With data.seq_buckets or data.pack_samples > 1 it is the packed layout of `qv_jax/batch.py` (what
   `data_pipeline/packing.py` collates): `batch_size` counts rows of data.pack_samples slots and `seq_len` is
   the sequence bucket N (default: the largest of data.seq_buckets, else data.max_seq_len)."""
-  from data_pipeline.seq_buckets import packed_layout, sequence_buckets
   b = int(config.data.batch_size if batch_size is None else batch_size)
   f = int(max(config.data.frame_buckets) if num_frames is None else num_frames)
   rules = config.sharding_rules if rules is None else rules
