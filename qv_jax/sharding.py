@@ -192,12 +192,12 @@ def data_sharding(mesh: Mesh, ndim: int, rules: Rules | None = None,
 
 
 def _host(device) -> tuple[int, int]:
-  return (getattr(device, "slice_index", 0) or 0, int(device.process_index))
+  return (int(device.process_index), getattr(device, "slice_index", 0) or 0)
 
 
 @functools.lru_cache(maxsize=64)
 def _row_groups(mesh: Mesh) -> tuple[tuple[tuple[int, int], ...], ...]:
-  """The mesh's hosts (slice, process) grouped by the batch shards their devices hold, groups ordered by
+  """The mesh's hosts (process, slice) grouped by the batch shards their devices hold, groups ordered by
   their lowest host."""
   names = list(mesh.axis_names)
   fsdp = mesh.shape.get("fsdp", 1)
@@ -213,8 +213,8 @@ def _row_groups(mesh: Mesh) -> tuple[tuple[tuple[int, int], ...], ...]:
     for b in sets[i + 1:]:
       if len(a) != len(b) or a & b:
         ha, hb = min(by_shards[a]), min(by_shards[b])
-        raise ConfigError("mesh", f"{dict(mesh.shape)}: host {ha[1]} (slice {ha[0]}) holds batch shards "
-                                  f"{sorted(a)} of data x fsdp and host {hb[1]} (slice {hb[0]}) holds "
+        raise ConfigError("mesh", f"{dict(mesh.shape)}: host {ha[0]} (slice {ha[1]}) holds batch shards "
+                                  f"{sorted(a)} of data x fsdp and host {hb[0]} (slice {hb[1]}) holds "
                                   f"{sorted(b)}; hosts must hold the same or disjoint shards, equally many")
   return tuple(sorted(tuple(sorted(hosts)) for hosts in by_shards.values()))
 
@@ -228,7 +228,7 @@ def loading_groups(mesh: Mesh, process_index: int | None = None) -> tuple[int, i
   groups = _row_groups(mesh)
   me = jax.process_index() if process_index is None else int(process_index)
   for g, hosts in enumerate(groups):
-    if any(p == me for _, p in hosts):
+    if any(p == me for p, _ in hosts):
       return len(groups), g
   raise ConfigError("mesh", f"process {me} holds no device of mesh {dict(mesh.shape)}")
 
