@@ -8,7 +8,8 @@ Pipeline (grain `MapDataset` / `IterDataset`):
   -> SkipCountingBatch: drop bad samples, count them, pad to the batch's frame bucket -> mp_prefetch(workers)
   -> LoaderIterator (main process): adds up skip counts, logs epoch reports, strips the bookkeeping.
 
-Batches have exactly the keys of `qv_jax.batch.BATCH_KEYS`, B = data.batch_size / process_count rows; with
+Batches have exactly the keys of `qv_jax.batch.BATCH_KEYS`, B = data.batch_size / process_count rows (`make_data`
+passes loading groups as processes: hosts holding the same batch rows read the same shard); with
 data.seq_buckets or data.pack_samples > 1 the packed layout (`PACKED_KEYS`, data_pipeline/packing.py): B rows
 of up to pack_samples samples, a sample whose merged-length bound exceeds the largest bucket skipped as
 "too_long".
