@@ -8,7 +8,8 @@ Pipeline (grain `MapDataset` / `IterDataset`):
   -> SkipCountingBatch: drop bad samples, count them, pad to the batch's frame bucket -> mp_prefetch(workers)
   -> LoaderIterator (main process): adds up skip counts, logs epoch reports, strips the bookkeeping.
 
-Batches have exactly the keys of `qv_jax.batch.BATCH_KEYS`, B = data.batch_size / process_count rows; with
+Batches have exactly the keys of `qv_jax.batch.BATCH_KEYS`, B = data.batch_size / process_count rows (`make_data`
+passes loading groups as processes: hosts holding the same batch rows read the same shard); with
 data.seq_buckets or data.pack_samples > 1 the packed layout (`PACKED_KEYS`, data_pipeline/packing.py): B rows
 of up to pack_samples samples, a sample whose merged-length bound exceeds the largest bucket skipped as
 "too_long".
@@ -360,16 +361,18 @@ def make_dataset(config, *, split: str = "train", process_index: int = 0, proces
 
 def make_data(config, *, seed: int | None = None):
   """This process's training batches for `qv_jax.train.loop.train(data=...)`: the loader over config.data,
-  or generated batches for `data.dataset_name == "synthetic"`. `seed` defaults to data.shuffle_seed."""
-  import jax
+  or generated batches for `data.dataset_name == "synthetic"`. `seed` defaults to data.shuffle_seed.
+  Shards by loading group (`qv_jax.sharding.process_loading_group`): hosts whose devices hold the same
+  batch rows on config.mesh read the same records (a sample spanning hosts over context or tensor)."""
+  from qv_jax.sharding import process_loading_group
   d = config.data
   if d.dataset_name == "synthetic":
     from qv_jax.train.synthetic_batches import process_synthetic_batches
     return process_synthetic_batches(config, seed)
   require(bool(d.dataset_dir) and os.path.isdir(d.dataset_dir), "data.dataset_dir",
           f"{d.dataset_dir!r} is not a directory")
-  loader = make_dataset(config, split=d.split, process_index=jax.process_index(),
-                        process_count=jax.process_count(), seed=seed)
+  groups, group = process_loading_group(config.mesh)
+  loader = make_dataset(config, split=d.split, process_index=group, process_count=groups, seed=seed)
   return iter(loader)
 
 

@@ -10,6 +10,7 @@ when no mesh is active. The rules live in the config (`config.sharding_rules`, d
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -188,3 +189,53 @@ def data_sharding(mesh: Mesh, ndim: int, rules: Rules | None = None,
   """Sharding of a batch array [B, ...]: batch over (data, fsdp), the rest replicated. With the global
   `shape`, mesh axes that do not divide B are dropped (a batch of 1 on a context-only mesh)."""
   return NamedSharding(mesh, logical_to_pspec(("batch",) + (None,) * (ndim - 1), rules, mesh, shape))
+
+
+def _host(device) -> tuple[int, int]:
+  return (int(device.process_index), getattr(device, "slice_index", 0) or 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_groups(mesh: Mesh) -> tuple[tuple[tuple[int, int], ...], ...]:
+  """The mesh's hosts (process, slice) grouped by the batch shards their devices hold, groups ordered by
+  their lowest host."""
+  names = list(mesh.axis_names)
+  fsdp = mesh.shape.get("fsdp", 1)
+  held: dict[tuple[int, int], set[int]] = {}
+  for idx in np.ndindex(mesh.devices.shape):
+    pos = dict(zip(names, idx))
+    held.setdefault(_host(mesh.devices[idx]), set()).add(pos.get("data", 0) * fsdp + pos.get("fsdp", 0))
+  by_shards: dict[frozenset, list] = {}
+  for host, shards in held.items():
+    by_shards.setdefault(frozenset(shards), []).append(host)
+  sets = list(by_shards)
+  for i, a in enumerate(sets):
+    for b in sets[i + 1:]:
+      if len(a) != len(b) or a & b:
+        ha, hb = min(by_shards[a]), min(by_shards[b])
+        raise ConfigError("mesh", f"{dict(mesh.shape)}: host {ha[0]} (slice {ha[1]}) holds batch shards "
+                                  f"{sorted(a)} of data x fsdp and host {hb[0]} (slice {hb[1]}) holds "
+                                  f"{sorted(b)}; hosts must hold the same or disjoint shards, equally many")
+  return tuple(sorted(tuple(sorted(hosts)) for hosts in by_shards.values()))
+
+
+def loading_groups(mesh: Mesh, process_index: int | None = None) -> tuple[int, int]:
+  """(G, g): hosts whose devices hold the same batch rows (the same data x fsdp shards; context and tensor
+  may span hosts) form one loading group and load identical rows; G groups, numbered by their lowest host
+  (g == process_index when every host is its own group), g that of `process_index` (default: this
+  process). The global batch is G x the rows each host loads. ConfigError when two hosts hold overlapping
+  but different shards, or unequally many."""
+  groups = _row_groups(mesh)
+  me = jax.process_index() if process_index is None else int(process_index)
+  for g, hosts in enumerate(groups):
+    if any(p == me for p, _ in hosts):
+      return len(groups), g
+  raise ConfigError("mesh", f"process {me} holds no device of mesh {dict(mesh.shape)}")
+
+
+def process_loading_group(mesh_config) -> tuple[int, int]:
+  """This process's (G, g) on the mesh `train` builds from all devices (`make_mesh(mesh_config)`);
+  (1, 0) in a single process."""
+  if jax.process_count() == 1:
+    return 1, 0
+  return loading_groups(make_mesh(mesh_config))

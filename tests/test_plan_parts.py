@@ -172,16 +172,16 @@ def test_optimizer_shardings_equal_optax_tree_map_params():
   assert any(s.spec != P() for s in jax.tree.leaves(ref))
 
 
-def test_check_config_takes_the_targets_process_count():
+def test_check_config_takes_the_targets_loading_groups():
   from configs.quicksviewer import get_config
   from qv_jax.sharding import make_mesh
   from qv_jax.train.loop import check_config
   c = get_config("size=tiny,stage=3")
   c.data.batch_size = 8
   mesh = make_mesh(c.mesh)
-  check_config(c, mesh, process_count=4)
-  with pytest.raises(ConfigError, match="3 processes"):
-    check_config(c, mesh, process_count=3)
+  check_config(c, mesh, groups=4)
+  with pytest.raises(ConfigError, match="3 loading groups"):
+    check_config(c, mesh, groups=3)
 
 
 def test_topology_and_mesh_errors_name_the_flag():

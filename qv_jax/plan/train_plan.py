@@ -19,7 +19,7 @@ from qv_jax.config.errors import ConfigError
 from qv_jax.plan import hlo
 from qv_jax.plan.roofline import axis_ici_bandwidth, roofline
 from qv_jax.plan.target import Target, target_mesh
-from qv_jax.sharding import axis_rules
+from qv_jax.sharding import axis_rules, loading_groups
 from qv_jax.train.compile import abstract_batch, compile_train_step
 from qv_jax.train.flops import matmul_flops
 from qv_jax.train.loop import check_config
@@ -92,19 +92,18 @@ def _slice_mesh_shape(mesh, num_slices: int) -> tuple[int, ...]:
 
 
 def loading_hosts(target: Target, mesh) -> int:
-  """Hosts that load distinct samples. With the context axis a sample spans several hosts; the compiled
-  step is the same whichever host feeds it, so the batch need only split over data x fsdp groups (the
-  trainer's loader still asks batch % hosts == 0: docs/planner.md)."""
-  if mesh.shape.get("context", 1) > 1:
-    return min(target.num_hosts, mesh.shape["data"] * mesh.shape["fsdp"])
-  return target.num_hosts
+  """Hosts that load distinct samples: the loading groups of the target's mesh (hosts whose chips hold the
+  same data x fsdp shards, a sample spanning them over context or tensor, load the same rows), as the
+  trainer counts them (`qv_jax.sharding.loading_groups`)."""
+  del target      # the mesh's devices carry their hosts
+  return loading_groups(mesh)[0]
 
 
 def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
   """Checks the config against the target (one line on error), then compiles abstractly."""
   mesh = target_mesh(target, mesh_shape)
   apply_overrides(config, mesh_shape=tuple(mesh.shape.values()))
-  check_config(config, mesh, process_count=loading_hosts(target, mesh))
+  check_config(config, mesh, groups=loading_hosts(target, mesh))
   rules = config.sharding_rules
   t0 = time.perf_counter()
   abstract, spec = train_state_spec(config, mesh, rules)

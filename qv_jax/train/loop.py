@@ -4,8 +4,9 @@ SIGTERM and non-finite losses.
 
     summary = train(config, workdir="runs/stage1")
 
-Every process runs this; each feeds its own shard of the global batch
-(`jax.make_array_from_process_local_data`). Resuming is automatic: the latest checkpoint of
+Every process runs this; each feeds its loading group's shard of the global batch
+(`jax.make_array_from_process_local_data`; hosts whose devices hold the same batch rows load the same
+rows: `qv_jax.sharding.loading_groups`). Resuming is automatic: the latest checkpoint of
 `workdir/checkpoints` restores params, optimizer state, step, RNG and the data-iterator state, so a killed
 and resumed run continues with the losses an uninterrupted run would have had.
 """
@@ -28,7 +29,7 @@ from jax.experimental import multihost_utils
 from qv_jax.batch import BATCH_KEYS, MODALITY_IMAGE, MODALITY_VIDEO, batch_keys
 from qv_jax.config import require, validate
 from qv_jax.config.train import validate_train_against
-from qv_jax.sharding import axis_rules, data_sharding, make_mesh
+from qv_jax.sharding import axis_rules, data_sharding, loading_groups, make_mesh
 from qv_jax.train import checkpoint as ckpt
 from qv_jax.train.config_change import check_resume_config, write_config
 from qv_jax.train.flops import matmul_flops
@@ -57,15 +58,17 @@ class TrainSummary:
   last_metrics: dict[str, Any]
 
 
-def check_config(config, mesh, process_count: int | None = None) -> None:
-  """Static checks that must fail before anything compiles. `mesh` may be a topology's mesh and
-  `process_count` its host count (default: this job's `jax.process_count()`)."""
+def check_config(config, mesh, groups: int | None = None) -> None:
+  """Static checks that must fail before anything compiles. `mesh` may be a topology's mesh and `groups`
+  its loading groups (default: `loading_groups(mesh)`: hosts holding the same batch rows load together)."""
   validate(config)
   validate_train_against(config)
-  n_proc = jax.process_count() if process_count is None else int(process_count)
+  n_groups = loading_groups(mesh)[0] if groups is None else int(groups)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   b = int(config.data.batch_size)
-  require(b % n_proc == 0, "data.batch_size", f"global batch {b} is not divisible by {n_proc} processes")
+  require(b % n_groups == 0, "data.batch_size",
+          f"global batch {b} is not divisible by the {n_groups} loading groups (hosts holding distinct "
+          f"batch rows) of mesh {dict(mesh.shape)}")
   require(b % shards == 0, "data.batch_size",
           f"global batch {b} is not divisible by the {shards} batch shards of mesh {dict(mesh.shape)}")
   micro = b // int(config.train.grad_accum)
@@ -99,7 +102,7 @@ class _Stop:
       signal.signal(s, old)
 
 
-def default_data(config) -> Iterator[dict]:
+def default_data(config, mesh=None) -> Iterator[dict]:
   """The batches `train` uses when none are handed in: generated ones for `data.dataset_name ==
   "synthetic"`. A dataset on disk is read by the application layer above the library
   (`data_pipeline.loader.make_data`, which `launch/train.py` calls) and passed as `data=`."""
@@ -108,7 +111,7 @@ def default_data(config) -> Iterator[dict]:
           f"{d.dataset_name!r} is read from disk: pass train(data=data_pipeline.loader.make_data) "
           f"(as launch/train.py does) or an iterator of batches")
   from qv_jax.train.synthetic_batches import process_synthetic_batches
-  return process_synthetic_batches(config)
+  return process_synthetic_batches(config, mesh=mesh)
 
 
 def check_batch(batch: dict, config, step: int) -> None:
@@ -127,12 +130,13 @@ def check_batch(batch: dict, config, step: int) -> None:
 
 
 def to_global(batch: dict, mesh) -> dict:
-  """This process's rows -> global arrays sharded over (data, fsdp)."""
+  """This process's rows -> global arrays sharded over (data, fsdp): G loading groups x the local rows
+  (the hosts of one group hand in identical rows)."""
   out = {}
-  n_proc = jax.process_count()
+  n_groups = loading_groups(mesh)[0]
   for k in batch_keys(batch):
     x = np.asarray(batch[k])
-    global_shape = (x.shape[0] * n_proc,) + x.shape[1:]
+    global_shape = (x.shape[0] * n_groups,) + x.shape[1:]
     sharding = data_sharding(mesh, x.ndim, shape=global_shape)
     out[k] = jax.make_array_from_process_local_data(sharding, x, global_shape)
   return out
@@ -210,7 +214,7 @@ def train(config, *, workdir: str | None = None,
   if jax.process_index() == 0:
     write_config(config, workdir, resumed_step)
   if data is None:
-    data_iter = default_data(config)
+    data_iter = default_data(config, mesh)
   elif callable(data) and not hasattr(data, "__next__"):
     data_iter = data(config)
   else:

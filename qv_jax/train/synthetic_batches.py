@@ -138,9 +138,10 @@ class SyntheticBatches:
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def process_synthetic_batches(config, seed: int | None = None) -> SyntheticBatches:
-  """This process's share of the generated batches (`data.dataset_name == "synthetic"`); `seed` defaults
-  to data.shuffle_seed."""
-  import jax
+def process_synthetic_batches(config, seed: int | None = None, mesh=None) -> SyntheticBatches:
+  """This process's loading group's share of the generated batches (`data.dataset_name == "synthetic"`) on
+  `mesh` (default: the mesh of config.mesh over all devices); `seed` defaults to data.shuffle_seed."""
+  from qv_jax.sharding import loading_groups, process_loading_group
+  groups, group = process_loading_group(config.mesh) if mesh is None else loading_groups(mesh)
   return SyntheticBatches(config, seed=int(config.data.shuffle_seed if seed is None else seed),
-                          process_index=jax.process_index(), process_count=jax.process_count())
+                          process_index=group, process_count=groups)
