@@ -31,3 +31,23 @@ def run_all(cmds: list[list[str]], env: dict, timeout: float, tail: int = 3000) 
             if p.returncode != 0]
   assert not failed, "\n\n".join(failed)
   return outs
+
+
+def train_pair(workdir, flags: list[str], timeout: float = 540) -> dict:
+  """`launch.train` as two local processes × 4 CPU devices over jax.distributed (tiny, stage 1, synthetic
+  data, 128-token sequences) plus `flags`; returns process 0's summary (its last output line). Without the
+  persistent compilation cache: with an earlier pair's executables in it, one process was seen stuck in a
+  gloo all-gather that the other, compiling, joined only after gloo's 30 s timeout (loaded 2-core host)."""
+  import json
+  import sys
+  port = free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  cmds = [[sys.executable, "-m", "launch.train", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
+           f"--process_id={i}", "--cpu_devices=4", "--config", "configs/quicksviewer.py:size=tiny,stage=1",
+           "--workdir", str(workdir), "--config.data.dataset_name=synthetic",
+           "--config.data.max_text_len=128", "--config.data.max_seq_len=128", "--config.train.log_every=1",
+           "--config.train.progress_bar=False", "--config.train.tensorboard=False",
+           "--config.train.compilation_cache_dir=", *flags]
+          for i in range(2)]
+  outs = run_all(cmds, env=env, timeout=timeout, tail=4000)
+  return json.loads(outs[0].strip().splitlines()[-1])

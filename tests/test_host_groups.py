@@ -5,8 +5,6 @@ for the whole path (loader, check_config, to_global)."""
 
 import dataclasses
 import json
-import os
-import sys
 
 import jax
 import numpy as np
@@ -17,7 +15,7 @@ from qv_jax.config import ConfigError
 from qv_jax.config.mesh import MESH_AXES
 from qv_jax.sharding import loading_groups
 from qv_jax.train.synthetic_batches import SyntheticBatches
-from process_util import free_port, run_all
+from process_util import train_pair
 from test_train_util import tiny_config
 
 
@@ -84,21 +82,9 @@ def test_synthetic_groups_split_the_global_batch():
 
 
 def _launch_pair(workdir, steps):
-  """Two processes without the persistent compilation cache: with the executables of an earlier pair run in
-  it, one process of this context-8 pair was seen stuck in a gloo all-gather the other never joined."""
-  port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  cmds = [[sys.executable, "-m", "launch.train", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-           f"--process_id={i}", "--cpu_devices=4", "--config", "configs/quicksviewer.py:size=tiny,stage=1",
-           "--workdir", str(workdir), "--config.data.dataset_name=synthetic", "--config.data.batch_size=1",
-           "--config.mesh.data=1", "--config.mesh.fsdp=1", "--config.mesh.context=8", "--config.mesh.tensor=1",
-           "--config.data.max_text_len=128", "--config.data.max_seq_len=128",
-           f"--config.train.total_steps={steps}", "--config.train.log_every=1",
-           "--config.train.progress_bar=False", "--config.train.tensorboard=False",
-           "--config.train.compilation_cache_dir="]
-          for i in range(2)]
-  outs = run_all(cmds, env=env, timeout=540, tail=4000)
-  return json.loads(outs[0].strip().splitlines()[-1])
+  return train_pair(workdir, ["--config.data.batch_size=1", "--config.mesh.data=1", "--config.mesh.fsdp=1",
+                              "--config.mesh.context=8", "--config.mesh.tensor=1",
+                              f"--config.train.total_steps={steps}"])
 
 
 @pytest.mark.slow

@@ -4,32 +4,21 @@ own data-iterator state into the shared checkpoint; the pair resumes from it."""
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from qv_jax.train.loop import train
-from process_util import free_port, run_all
-from test_train_util import CACHE_DIR, tiny_config
+from process_util import train_pair
+from test_train_util import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def _launch_pair(workdir, steps, stop_at=0):
-  port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  cmds = [[sys.executable, "-m", "launch.train", f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-           f"--process_id={i}", "--cpu_devices=4", "--config", "configs/quicksviewer.py:size=tiny,stage=1",
-           "--workdir", str(workdir), "--config.data.dataset_name=synthetic", "--config.data.batch_size=8",
-           "--config.data.max_text_len=128", "--config.data.max_seq_len=128",
-           f"--config.train.total_steps={steps}", f"--config.train.stop_at={stop_at}",
-           "--config.train.log_every=1", "--config.train.progress_bar=False",
-           "--config.train.tensorboard=False", f"--config.train.compilation_cache_dir={CACHE_DIR}"]
-          for i in range(2)]
-  outs = run_all(cmds, env=env, timeout=540, tail=4000)
-  return json.loads(outs[0].strip().splitlines()[-1])
+  return train_pair(workdir, ["--config.data.batch_size=8", f"--config.train.total_steps={steps}",
+                              f"--config.train.stop_at={stop_at}"])
 
 
 def test_two_processes_train_like_one(tmp_path):
