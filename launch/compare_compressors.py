@@ -332,20 +332,14 @@ def evaluate_kind(args, kind: str, workdir: str, out: str, paths: dict, dims: di
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  import absl.flags
-  absl.flags.FLAGS.mark_as_parsed()
   from launch import compare_report
-  from launch.demo import build_tfds, make_data, make_tokenizer, stage_config
-  out = os.path.abspath(args.out)
-  os.makedirs(out, exist_ok=True)
+  from launch.demo import prepare_data, stage_config, start_run
+  out = start_run(args.out)
   t_start = time.time()
   seconds = {}
   t0 = time.time()
-  paths = make_data(out, types.SimpleNamespace(videos=args.videos, val_videos=args.val_videos, seed=args.seed))
-  tokenizer = make_tokenizer(out, paths["train"])
-  tfds_dir = build_tfds(out, paths)
+  paths, tokenizer, tfds_dir = prepare_data(
+      out, types.SimpleNamespace(videos=args.videos, val_videos=args.val_videos, seed=args.seed))
   seconds["data_s"] = time.time() - t0
   training = []
   for stage in (1, 2):

@@ -174,21 +174,32 @@ def answer_summary(result: dict) -> dict:
   return {"question": QUESTION, **result["captions"], "failed": len(result["skipped"])}
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
+def start_run(out: str) -> str:
+  """Logging, absl flags marked parsed (Grain workers outside absl.app.run), the output folder; its path."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
   import absl.flags
   absl.flags.FLAGS.mark_as_parsed()
-  out = os.path.abspath(args.out)
+  out = os.path.abspath(out)
   os.makedirs(out, exist_ok=True)
+  return out
+
+
+def prepare_data(out: str, args) -> tuple[dict, str, str]:
+  """Phases 1-3 (videos, tokenizer, TFDS), each reused when present: (jsonl paths, tokenizer, TFDS dir)."""
+  paths = make_data(out, args)
+  tokenizer = make_tokenizer(out, paths["train"])
+  return paths, tokenizer, build_tfds(out, paths)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  out = start_run(args.out)
   t_start = time.time()
   times = {}
 
   t0 = time.time()
-  paths = make_data(out, args)
-  tokenizer = make_tokenizer(out, paths["train"])
-  tfds_dir = build_tfds(out, paths)
+  paths, tokenizer, tfds_dir = prepare_data(out, args)
   times["data_s"] = time.time() - t0
 
   import jax
