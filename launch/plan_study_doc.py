@@ -37,10 +37,11 @@ CONTEXT_NOTE = """## Long videos on many chips (the context axis, issue #11) and
 Rows `context`: a global batch of 16 on v5p-128 or v5e-256. A batch-only mesh (data x fsdp = chips) cannot
 run it at all: each chip needs at least one whole sample, so 128 chips need a batch of 128 (`launch.plan`
 refuses `--mesh 1,128,1 --batch 16`: "does not split over data x fsdp"). With `--mesh data,fsdp,context,tensor`
-one 420-frame video spans `context` chips (420 frames divide by 4). The trainer's loader still asks
-`batch % hosts == 0` (16 on the 32 hosts of a v5p-128 does not), so these rows are planned with the hosts that
-load distinct samples (data x fsdp groups); that loader change is still to make. Rows `packed`: the
-packed layout of docs/packing.md (`--pack P --seq-len N`). The FLOP tables below come from traces alone;
+one 420-frame video spans `context` chips (420 frames divide by 4). Hosts whose chips hold the same batch
+rows load the same samples (loading groups, docs/context.md), so the batch need only divide by the 16 groups of
+a v5p-128's 32 hosts; the planner and the trainer count them with the same function. Rows `packed`: the
+packed layout of docs/packing.md (`--pack P --seq-len N`). A compute-bound row shows MFU 100 %: the roofline
+takes the largest term as the step time, so its MFU is an upper bound. The FLOP tables below come from traces alone;
 rows marked `to run` had no compile in time. The v5p-128 context row's stored FLOPs predate counting
 `shard_map` bodies once per device (the context resampler): 0.6 % low against the recount below.
 """
@@ -83,7 +84,7 @@ def render(rows, row_path, out_dir: str) -> None:
   done = [(r, d) for r, d in loaded if d is not None]
   lines = [INTRO, "## Status", "",
            f"{len(done)} of {len(rows)} rows computed; the others are still to run (the released-size compile "
-           "took 56 minutes and 5.2 GB of host memory per mesh on the loaded 2-core host used so far).", "",
+           "took 17-56 minutes (XLA's TPU compile is all but a minute of it) and 4.5-5.2 GB of host memory per mesh on the loaded 2-core host used so far).", "",
            "| size | target | batch | scaling | status | meshes | best mesh | memory/chip | step | MFU | tokens/s/chip | "
            "compile per mesh |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r, d in loaded:
