@@ -54,6 +54,7 @@ SCORE_ROLLOUTS = 4
 
 
 def parse_args(argv=None):
+  from launch.demo import add_run_args
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="runs/compare")
   p.add_argument("--videos", type=int, default=480, help="training videos")
@@ -63,10 +64,7 @@ def parse_args(argv=None):
   p.add_argument("--policy-steps", type=int, default=40, help="score_gating policy RL steps")
   p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="visual-token budgets B")
   p.add_argument("--kinds", default=",".join(KINDS))
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--workers", type=int, default=1, help="Grain worker processes decoding videos")
-  p.add_argument("--size", default="small", help="model size (configs/quicksviewer.py)")
-  p.add_argument("--seed", type=int, default=0)
+  add_run_args(p)
   p.add_argument("--repeats", type=int, default=5, help="timed prefill repeats")
   p.add_argument("--quick", action="store_true", help="a tiny run for tests: few videos, steps, budgets")
   args = p.parse_args(argv)

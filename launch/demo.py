@@ -26,6 +26,14 @@ STAGE_STEPS = (150, 150, 1500)
 STAGE_LR = (3e-3, 1e-3, 1e-3)
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+  """The training-run flags the demo and the compressor comparison share (stage_config reads them)."""
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--workers", type=int, default=1, help="Grain worker processes decoding videos")
+  p.add_argument("--size", default="small", help="model size (configs/quicksviewer.py)")
+  p.add_argument("--seed", type=int, default=0)
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", default="runs/demo")
@@ -33,10 +41,7 @@ def parse_args(argv=None):
   p.add_argument("--val-videos", type=int, default=96, help="held-out videos")
   p.add_argument("--steps", default=",".join(map(str, STAGE_STEPS)), help="optimizer steps of stages 1,2,3")
   p.add_argument("--lr", default=",".join(map(str, STAGE_LR)), help="learning rates of stages 1,2,3")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--workers", type=int, default=1, help="Grain worker processes decoding videos")
-  p.add_argument("--size", default="small", help="model size (configs/quicksviewer.py)")
-  p.add_argument("--seed", type=int, default=0)
+  add_run_args(p)
   p.add_argument("--plots", type=int, default=6, help="held-out videos drawn in boundaries.png")
   p.add_argument("--quick", action="store_true", help="a tiny run for tests: few videos and steps")
   args = p.parse_args(argv)
