@@ -91,19 +91,11 @@ def _slice_mesh_shape(mesh, num_slices: int) -> tuple[int, ...]:
   return (shape[0] // num_slices,) + shape[1:]
 
 
-def loading_hosts(target: Target, mesh) -> int:
-  """Hosts that load distinct samples: the loading groups of the target's mesh (hosts whose chips hold the
-  same data x fsdp shards, a sample spanning them over context or tensor, load the same rows), as the
-  trainer counts them (`qv_jax.sharding.loading_groups`)."""
-  del target      # the mesh's devices carry their hosts
-  return loading_groups(mesh)[0]
-
-
 def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
   """Checks the config against the target (one line on error), then compiles abstractly."""
   mesh = target_mesh(target, mesh_shape)
   apply_overrides(config, mesh_shape=tuple(mesh.shape.values()))
-  check_config(config, mesh, groups=loading_hosts(target, mesh))
+  check_config(config, mesh, groups=loading_groups(mesh)[0])   # hosts loading distinct rows
   rules = config.sharding_rules
   t0 = time.perf_counter()
   abstract, spec = train_state_spec(config, mesh, rules)
