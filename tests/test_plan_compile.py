@@ -101,8 +101,62 @@ def test_decode_step_compiles_with_an_abstract_kv_cache():
   c.model.param_dtype = "bfloat16"
   report = plan_infer(c, load_target("v5e:1x1"), (1, 1, 1), "decode", new_tokens=16)
   dec = c.model.decoder
-  slots = c.data.max_seq_len + 16
+  slots = c.data.max_seq_len + 16 - 1                                         # the Generator's P + N - 1
   kv = 2 * dec.num_layers * 4 * slots * dec.num_kv_heads * dec.head_dim * 4   # k and v, fp32 compute (tiny)
   assert report["memory_per_chip"]["cache_bytes"] == kv + 4 * slots * (1 + 4) + 4   # valid, positions, index
   assert report["cache_slots"] == slots and report["tokens_per_step"] == 4
   assert report["memory_per_chip"]["fits"] and report["roofline"]["step_s"] > 0
+
+
+def test_planner_infers_with_the_generators_steps(monkeypatch):
+  """`--step prefill|decode` trace the Generator's own prefill and decode-loop body (one definition each)."""
+  from flax import nnx
+  from qv_jax.model import generate
+  from qv_jax.model.decoder import Decoder
+  from qv_jax.plan.infer_plan import abstract_decode_state, abstract_model, abstract_sampling, make_steps
+  from qv_jax.train.compile import abstract_batch
+  out = subprocess.run(["git", "grep", "-nE", r"^def (prefill_step|decode_step)\("], capture_output=True,
+                       text=True).stdout.strip().splitlines()
+  assert [l.split(":")[0] for l in out] == ["qv_jax/model/generate.py"] * 2
+  assert not re.search(r"decoder\(", open("qv_jax/plan/infer_plan.py").read())
+
+  calls = []
+  for name in ("prefill_step", "decode_step"):
+    real = getattr(generate, name)
+    monkeypatch.setattr(generate, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+  c = _config("tiny", mesh=(1, 1, 1))
+  mesh = make_mesh(c.mesh, jax.devices()[:1])
+  graphdef, params = abstract_model(c, mesh)
+  sampling, flags = abstract_sampling(mesh, 3)
+  state = abstract_decode_state(graphdef, params, c, mesh, 4, c.data.max_seq_len, 3)
+  prefill, decode = make_steps(graphdef, new_tokens=3, flags=flags)
+  with jax.set_mesh(mesh):
+    prefilled = jax.eval_shape(prefill, params, abstract_batch(c, mesh), sampling)
+    jax.eval_shape(decode, params, state, sampling)
+  assert calls == ["prefill_step", "decode_step"]
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), prefilled) == jax.tree.map(lambda x: (x.shape, x.dtype), state)
+
+  calls.clear()
+  decoder = Decoder(c.model, rngs=nnx.Rngs(0))
+  gen = generate.Generator(decoder, max_new_tokens=3, eos_id=None, pad_id=0)
+  st = gen.advance(gen.start(input_ids=np.ones((1, 7), np.int32)))   # a prompt shape no other test traces
+  assert calls == ["prefill_step", "decode_step"] and st.out.shape == (1, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["prefill", "decode"])
+def test_small_inference_steps_compile_for_v5e(step):
+  from qv_jax.plan.infer_plan import plan_infer
+  c = _config("small")
+  c.model.param_dtype = "bfloat16"
+  report = plan_infer(c, load_target("v5e:2x2"), (1, 4, 1), step, new_tokens=8)
+  mem = report["memory_per_chip"]
+  assert report["chips"] == 4 and report["step"] == step and report["cache_slots"] == c.data.max_seq_len + 7
+  assert mem["fits"] and mem["state_bytes"] > 0 and mem["cache_bytes"] > 0
+  # the decode state is donated into the step; the prefill creates the cache, so its outputs hold it
+  if step == "decode":
+    assert mem["alias_bytes"] >= mem["cache_bytes"]
+  else:
+    assert mem["output_bytes"] >= mem["cache_bytes"]
+  assert report["tokens_per_step"] == (4 * c.data.max_seq_len if step == "prefill" else 4)
+  assert report["roofline"]["step_s"] > 0 and report["flops_per_chip"]["jaxpr_matmul"] > 0

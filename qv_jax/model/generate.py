@@ -87,8 +87,10 @@ def _mark(seen, tok):
   return None if seen is None else seen.at[jnp.arange(tok.shape[0]), tok].set(True)
 
 
-def _prefill_impl(decoder, layer_params, input_ids, inputs_embeds, mask, positions, s: Sampling, *,
-                  max_new_tokens, greedy, top_k, use_top_p, penalize, cache_dtype) -> DecodeState:
+def prefill_step(decoder, layer_params, input_ids, inputs_embeds, mask, positions, s: Sampling, *,
+                 max_new_tokens, greedy, top_k, use_top_p, penalize, cache_dtype) -> DecodeState:
+  """The prompt into a fresh cache of P + max_new_tokens - 1 slots and the first token: the Generator's
+  prefill (and, after the model's `prepare_inputs`, the planner's `--step prefill`)."""
   batch, prompt_len = mask.shape
   if positions is None:
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
@@ -115,22 +117,31 @@ def _prefill_impl(decoder, layer_params, input_ids, inputs_embeds, mask, positio
                      seen=_mark(seen, tok), next_position=next_position)
 
 
+def decode_step(decoder, layer_params, st: DecodeState, s: Sampling, *, greedy, top_k, use_top_p,
+                penalize) -> DecodeState:
+  """One token per sequence against the cache: the body of the Generator's decode loop (and the planner's
+  `--step decode`). A finished sequence emits `pad_id`."""
+  batch = st.token.shape[0]
+  logits, cache = decoder(input_ids=st.token[:, None], positions=(st.next_position + st.step - 1)[:, None],
+                          mask=jnp.ones((batch, 1), bool), cache=st.cache, layer_params=layer_params)
+  new = jnp.where(st.finished, s.pad_id,
+                  _select(decoder, logits[:, 0], st.step, st.seen, s, greedy, top_k, use_top_p, penalize))
+  out = jax.lax.dynamic_update_slice(st.out, new[:, None], (0, st.step))
+  return st.replace(step=st.step + 1, out=out, cache=cache, token=new,
+                    finished=st.finished | jnp.isin(new, s.eos), seen=_mark(st.seen, new))
+
+
 def _decode_impl(decoder, layer_params, state: DecodeState, until, s: Sampling, *, greedy, top_k, use_top_p,
                  penalize) -> DecodeState:
-  batch, max_new_tokens = state.out.shape
+  max_new_tokens = state.out.shape[1]
   until = jnp.minimum(until, max_new_tokens)
 
   def cond(st):
     return (st.step < until) & ~jnp.all(st.finished)
 
   def body(st):
-    logits, cache = decoder(input_ids=st.token[:, None], positions=(st.next_position + st.step - 1)[:, None],
-                            mask=jnp.ones((batch, 1), bool), cache=st.cache, layer_params=layer_params)
-    new = jnp.where(st.finished, s.pad_id,
-                    _select(decoder, logits[:, 0], st.step, st.seen, s, greedy, top_k, use_top_p, penalize))
-    out = jax.lax.dynamic_update_slice(st.out, new[:, None], (0, st.step))
-    return st.replace(step=st.step + 1, out=out, cache=cache, token=new,
-                      finished=st.finished | jnp.isin(new, s.eos), seen=_mark(st.seen, new))
+    return decode_step(decoder, layer_params, st, s, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+                       penalize=penalize)
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -141,15 +152,15 @@ _STATIC = ("graphdef", "greedy", "top_k", "use_top_p", "penalize")
 @partial(jax.jit, static_argnames=_STATIC + ("max_new_tokens", "cache_dtype"))
 def _prefill(state, layer_params, input_ids, inputs_embeds, mask, positions, sampling, *, graphdef, max_new_tokens,
              greedy, top_k, use_top_p, penalize, cache_dtype):
-  return _prefill_impl(nnx.merge(graphdef, state), layer_params, input_ids, inputs_embeds, mask, positions, sampling,
-                       max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
-                       penalize=penalize, cache_dtype=cache_dtype)
+  return prefill_step(nnx.merge(graphdef, state), layer_params, input_ids, inputs_embeds, mask, positions, sampling,
+                      max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+                      penalize=penalize, cache_dtype=cache_dtype)
 
 
 @partial(jax.jit, static_argnames=_STATIC, donate_argnames=("decode_state",))
 def _decode(state, layer_params, decode_state, until, sampling, *, graphdef, greedy, top_k, use_top_p, penalize):
-  return _decode_impl(nnx.merge(graphdef, state), layer_params, decode_state, until, sampling, greedy=greedy, top_k=top_k,
-                      use_top_p=use_top_p, penalize=penalize)
+  return _decode_impl(nnx.merge(graphdef, state), layer_params, decode_state, until, sampling, greedy=greedy,
+                      top_k=top_k, use_top_p=use_top_p, penalize=penalize)
 
 
 @partial(jax.jit, static_argnames=_STATIC + ("max_new_tokens", "cache_dtype"))
@@ -157,8 +168,8 @@ def _generate(state, input_ids, inputs_embeds, mask, positions, sampling, *, gra
               top_k, use_top_p, penalize, cache_dtype):
   decoder = nnx.merge(graphdef, state)
   flags = dict(greedy=greedy, top_k=top_k, use_top_p=use_top_p, penalize=penalize)
-  st = _prefill_impl(decoder, None, input_ids, inputs_embeds, mask, positions, sampling,
-                     max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, **flags)
+  st = prefill_step(decoder, None, input_ids, inputs_embeds, mask, positions, sampling,
+                    max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, **flags)
   return _decode_impl(decoder, None, st, jnp.int32(max_new_tokens), sampling, **flags).out
 
 
@@ -175,8 +186,8 @@ class Generator:
     self.graphdef, self.state = nnx.split(decoder)
     self.layer_params = layer_params
     self.max_new_tokens = int(max_new_tokens)
-    self.sampling, self.flags = _settings(max_new_tokens, eos_id, pad_id, temperature, top_p, top_k,
-                                          repetition_penalty, key)
+    self.sampling, self.flags = sampling_settings(max_new_tokens, eos_id, pad_id, temperature, top_p, top_k,
+                                                  repetition_penalty, key)
     self.cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype).name
 
   def start(self, *, input_ids=None, inputs_embeds=None, mask=None, positions=None) -> DecodeState:
@@ -191,7 +202,8 @@ class Generator:
                    **self.flags)
 
 
-def _settings(max_new_tokens, eos_id, pad_id, temperature, top_p, top_k, repetition_penalty, key):
+def sampling_settings(max_new_tokens, eos_id, pad_id, temperature, top_p, top_k, repetition_penalty, key):
+  """-> (Sampling, the static flags of `prefill_step` / `decode_step`), checked."""
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
@@ -237,7 +249,8 @@ def generate(decoder, *, input_ids: jax.Array | None = None, inputs_embeds: jax.
   repetition penalty is used and the number of eos ids (their values, temperature, top_p, pad are not).
   """
   input_ids, inputs_embeds, mask, positions = _prompt(input_ids, inputs_embeds, mask, positions)
-  sampling, flags = _settings(max_new_tokens, eos_id, pad_id, temperature, top_p, top_k, repetition_penalty, key)
+  sampling, flags = sampling_settings(max_new_tokens, eos_id, pad_id, temperature, top_p, top_k,
+                                      repetition_penalty, key)
   graphdef, state = nnx.split(decoder)
   return _generate(state, input_ids, inputs_embeds, mask, positions, sampling, graphdef=graphdef,
                    max_new_tokens=int(max_new_tokens),
