@@ -53,6 +53,8 @@ class ResultsError(ValueError):
 def _lookup(ref: dict, where: str) -> float | str:
   if "value" in ref:
     return float(ref["value"]) * float(ref.get("scale", 1.0))
+  if "file" not in ref or "path" not in ref:
+    raise ResultsError(f"{where}: a reference needs 'file' and 'path' (or 'value'), got {sorted(ref)}")
   path = ROOT / ref["file"]
   if not path.is_file():
     raise ResultsError(f"{where}: file {ref['file']!r} does not exist")
@@ -108,9 +110,9 @@ def readme_rows(records: list[dict]) -> list[str]:
 
 
 def _run(record: dict) -> str:
-  load = f"; load: {record['load']}" if record.get("load") else ""
+  busy = f"; load: {record['load']}" if record.get("load") else ""
   source = f"; numbers copied from {record['source']}" if record.get("source") else ""
-  return f"- `{Path(record['file']).name}`: {record['title']}; {record['date']}, {record['machine']}{load}{source}"
+  return f"- `{Path(record['file']).name}`: {record['title']}; {record['date']}, {record['machine']}{busy}{source}"
 
 
 def render(records: list[dict]) -> str:
