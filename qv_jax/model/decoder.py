@@ -36,9 +36,9 @@ from qv_jax.layers import Dense, RMSNorm
 from qv_jax.model.attention import Attention
 from qv_jax.model.rope import inv_frequencies, rope_tables
 from qv_jax.parallel.ring_attention import from_zigzag, to_zigzag, uses_ring
-from qv_jax.sharding import constrain, param
+from qv_jax.sharding import HIDDEN_AXES, KV_AXES, LOGIT_AXES, MLP_AXES, SLOT_AXES, constrain, param
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = ("activation_layers",) + KV_AXES      # the KV cache [N, B, S, KV, hd]
 
 
 class KVCache(NamedTuple):
@@ -85,7 +85,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-    return self.down_proj(constrain(h, ("batch", "length", "mlp")))
+    return self.down_proj(constrain(h, MLP_AXES))
 
 
 class DecoderLayer(nnx.Module):
@@ -101,9 +101,9 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, cos, sin, k_valid, cache_kv=None, index=0, segment_ids=None, zigzag=False):
     attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, k_valid, cache_kv, index, segment_ids,
                               zigzag)
-    x = constrain(x + attn, ("batch", "length", "embed"))
+    x = constrain(x + attn, HIDDEN_AXES)
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return constrain(x, ("batch", "length", "embed")), kv
+    return constrain(x, HIDDEN_AXES), kv
 
 
 def _stack_layer_axes(state: nnx.State) -> nnx.State:
@@ -150,7 +150,7 @@ class Decoder(nnx.Module):
   def embed(self, ids: jax.Array) -> jax.Array:
     """ids [B, L] int32 -> [B, L, D] in the compute dtype. Ids outside [0, V) (e.g. the -200 image
     placeholder) read row clip(id, 0, V-1); callers overwrite those slots."""
-    return constrain(self.embed_tokens(ids), ("batch", "length", "embed"))
+    return constrain(self.embed_tokens(ids), HIDDEN_AXES)
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty cache of `max_len` slots (dtype: the compute dtype unless given)."""
@@ -169,7 +169,7 @@ class Decoder(nnx.Module):
     else:
       kernel = self.lm_head.kernel.get_value().astype(self.dtype)
       logits = jnp.einsum("bld,dv->blv", h, kernel, preferred_element_type=jnp.float32)
-    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return constrain(logits.astype(jnp.float32), LOGIT_AXES)
 
   def _run_layers(self, x, cos, sin, k_valid, cache, segment_ids=None, layer_params=None, zigzag=False):
     graphdef, state = nnx.split(self.layers)
@@ -225,7 +225,7 @@ class Decoder(nnx.Module):
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("Decoder: pass exactly one of input_ids and inputs_embeds")
     x = self.embed(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)
-    x = constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, HIDDEN_AXES)
     batch, length = x.shape[:2]
     if positions.shape != (batch, length) or mask.shape != (batch, length):
       raise ValueError(f"Decoder: positions {positions.shape} and mask {mask.shape} must be "
@@ -234,9 +234,9 @@ class Decoder(nnx.Module):
     positions = jnp.where(mask, positions, 0).astype(jnp.int32)
     zigzag = uses_ring(self.context_attention, cache, length)
     if zigzag:     # ring attention's load-balanced layout, once for all layers (undone after them)
-      x = to_zigzag(x, ("batch", "length", "embed"))
-      positions, mask = (to_zigzag(a, ("batch", "length")) for a in (positions, mask))
-      segment_ids = None if segment_ids is None else to_zigzag(segment_ids, ("batch", "length"))
+      x = to_zigzag(x, HIDDEN_AXES)
+      positions, mask = (to_zigzag(a, SLOT_AXES) for a in (positions, mask))
+      segment_ids = None if segment_ids is None else to_zigzag(segment_ids, SLOT_AXES)
     head_dim, theta, scaling = self.rope
     cos, sin = rope_tables(positions, inv_frequencies(head_dim, theta, None if scaling is None
                                                       else dict(scaling)), self.dtype)
@@ -250,7 +250,7 @@ class Decoder(nnx.Module):
       raise ValueError("Decoder: segment_ids (packed rows) are for training, not with a KV cache")
     x, new_kv = self._run_layers(x, cos, sin, k_valid, cache, segment_ids, layer_params, zigzag)
     if zigzag:
-      x = from_zigzag(x, ("batch", "length", "embed"))
+      x = from_zigzag(x, HIDDEN_AXES)
     if cache is not None:
       start = (0, 0, cache.index, 0, 0)
       k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), start)

@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from qv_jax.layers import Dense, LayerNorm
-from qv_jax.sharding import _variable_pspec, axis_rules, constrain, logical_to_pspec, param
+from qv_jax.sharding import FRAME_AXES, _variable_pspec, axis_rules, constrain, logical_to_pspec, param
 
 _LAYER_AXES = {nnx.PARTITION_NAME: "layers", "logical_axes": "layers"}
 
@@ -143,7 +143,7 @@ class SiglipEncoderLayer(nnx.Module):
     self.mlp = SiglipMLP(vision.hidden_size, vision.intermediate_size, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = constrain(x, ("batch", "tokens", "vision_embed"))
+    x = constrain(x, ("activation_batch", "activation_tokens", "activation_vision_embed"))
     x = x + self.self_attn(self.layer_norm1(x))
     return x + self.mlp(self.layer_norm2(x))
 
@@ -204,7 +204,7 @@ class SiglipVisionTower(nnx.Module):
   def __call__(self, pixels: jax.Array) -> jax.Array:
     """[N, S, S, 3] in [-1, 1] -> [N, grid_out², Dv] in the compute dtype."""
     features = interpolate_grid(self.hidden_states(pixels), self.grid_in, self.grid_out)
-    return constrain(features, ("batch", "tokens", "vision_embed"))
+    return constrain(features, ("activation_batch", "activation_tokens", "activation_vision_embed"))
 
   def encode_frames(self, pixels: jax.Array) -> jax.Array:
     """[B, F, S, S, 3] -> [B, F, grid_out², Dv], `vision.frame_chunk` frames per sample at a time.
@@ -233,7 +233,7 @@ class SiglipVisionTower(nnx.Module):
     loop = lambda st, c: jax.lax.map(lambda x: run(st, x), c)  # noqa: E731
     out = _weights_gathered_once(loop, state, chunks) if self.gather_once else loop(state, chunks)
     out = out.swapaxes(0, 1).reshape(b, n * chunk, self.num_tokens, -1)[:, :f]
-    return constrain(out, ("batch", "frames", "tokens", "vision_embed"))
+    return constrain(out, FRAME_AXES)
 
 
 def _mesh_axes(spec) -> set:
@@ -251,7 +251,7 @@ def _weights_gathered_once(loop, state, chunks: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or mesh.manual_axes:
     return loop(state, chunks)
-  batch = logical_to_pspec((None, "batch"), None, mesh, chunks.shape[:2])[1]
+  batch = logical_to_pspec((None, "activation_batch"), None, mesh, chunks.shape[:2])[1]
   is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
   specs = [_variable_pspec(v, mesh, None) for v in jax.tree.leaves(state, is_leaf=is_var)]
   leaves, tree = jax.tree.flatten(state)

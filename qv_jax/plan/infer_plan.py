@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qv_jax.model.decoder import CACHE_AXES
 from qv_jax.plan.target import Target, target_mesh
 from qv_jax.plan.train_plan import analyse, sharded_bytes
-from qv_jax.sharding import axis_rules, logical_to_pspec, state_shardings
+from qv_jax.sharding import SLOT_AXES, axis_rules, logical_to_pspec, state_shardings
 from qv_jax.train.compile import abstract_batch
 from qv_jax.train.flops import matmul_flops
 from qv_jax.train.state import abstract_like, model_factory
@@ -39,7 +39,7 @@ def abstract_cache(model_graphdef, params, config, mesh, batch: int, slots: int)
   rules = config.sharding_rules
 
   def shard(x):
-    axes = CACHE_AXES if x.ndim == 5 else (("batch", "length") if x.ndim == 2 else ())
+    axes = CACHE_AXES if x.ndim == 5 else (SLOT_AXES if x.ndim == 2 else ())
     return NamedSharding(mesh, logical_to_pspec(axes, rules, mesh, x.shape))
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard(x)), shapes)
 
@@ -76,7 +76,7 @@ def plan_infer(config, target: Target, mesh_shape, step: str, *, new_tokens: int
   cache = abstract_cache(graphdef, params, config, mesh, b, slots)
   prefill, decode = make_steps(graphdef)
   rep = NamedSharding(mesh, PartitionSpec())
-  row = NamedSharding(mesh, logical_to_pspec(("batch",), rules, mesh, (b,)))
+  row = NamedSharding(mesh, logical_to_pspec(("activation_batch",), rules, mesh, (b,)))
   if step == "prefill":
     fn, args = prefill, (params, abstract_batch(config, mesh), cache)
     tokens = float(b * d.max_seq_len)
