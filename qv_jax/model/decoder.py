@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qv_jax.layers import Dense, RMSNorm
+from qv_jax.layers.stack import scan_layers, stack_layers, unstack_layer_state
 from qv_jax.model.attention import Attention
 from qv_jax.model.rope import inv_frequencies, rope_tables
 from qv_jax.parallel.ring_attention import from_zigzag, to_zigzag, uses_ring
@@ -106,15 +107,6 @@ class DecoderLayer(nnx.Module):
     return constrain(x, HIDDEN_AXES), kv
 
 
-def _stack_layer_axes(state: nnx.State) -> nnx.State:
-  """Prepends the logical name `layers` to every param of a vmapped (stacked) layer state."""
-  for _, var in nnx.to_flat_state(state):
-    axes = var.get_metadata().get("logical_axes")
-    if axes is not None:
-      var.set_metadata(logical_axes=("layers",) + tuple(axes))
-  return state
-
-
 class Decoder(nnx.Module):
   """Qwen2 / Llama 3.x causal LM over `model_config.decoder`, computing in `model_config.compute_dtype`
   with params in `model_config.param_dtype`. Logits, softmax and norms statistics are fp32."""
@@ -135,12 +127,7 @@ class Decoder(nnx.Module):
 
     self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **common)
 
-    def make_layer(key):
-      return nnx.state(DecoderLayer(cfg, rngs=nnx.Rngs(params=key), **common))
-
-    layer_def = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0), **common)))
-    keys = jax.random.split(rngs.params(), cfg.num_layers)
-    self.layers = nnx.merge(layer_def, _stack_layer_axes(jax.vmap(make_layer)(keys)))
+    self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r, **common), cfg.num_layers, rngs)
 
     self.norm = DecoderRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.lm_head = (None if self.tied else
@@ -172,28 +159,20 @@ class Decoder(nnx.Module):
     return constrain(logits.astype(jnp.float32), LOGIT_AXES)
 
   def _run_layers(self, x, cos, sin, k_valid, cache, segment_ids=None, layer_params=None, zigzag=False):
-    graphdef, state = nnx.split(self.layers)
     index = 0 if cache is None else cache.index
     if layer_params is not None:
-      return self._run_unstacked(graphdef, layer_params, x, cos, sin, k_valid, cache, index, segment_ids,
-                                 zigzag)
+      return self._run_unstacked(nnx.graphdef(self.layers), layer_params, x, cos, sin, k_valid, cache, index,
+                                 segment_ids, zigzag)
 
-    def body(h, xs):
-      layer_state, cache_kv = xs
-      h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, k_valid, cache_kv, index, segment_ids, zigzag)
+    def body(layer, h, cache_kv):
+      h, kv = layer(h, cos, sin, k_valid, cache_kv, index, segment_ids, zigzag)
       return h, (kv if cache is not None else None)
 
-    if self.remat_policy != "none":
-      policy = getattr(jax.checkpoint_policies, self.remat_policy)    # names: config.model.REMAT_POLICIES
-      body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
+    remat = self.remat_policy != "none"
+    policy = getattr(jax.checkpoint_policies, self.remat_policy) if remat else None   # REMAT_POLICIES
     cache_kv = None if cache is None else (cache.k, cache.v)
-    if self.scan_layers:
-      return jax.lax.scan(body, x, (state, cache_kv))
-    new_kv = []
-    for i in range(self.num_layers):
-      x, kv = body(x, jax.tree.map(lambda a: a[i], (state, cache_kv)))
-      new_kv.append(kv)
-    return x, (None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv))
+    return scan_layers(self.layers, body, x, cache_kv, remat=remat, policy=policy,
+                       prevent_cse=not self.scan_layers, unroll=not self.scan_layers)
 
   def _run_unstacked(self, graphdef, layer_params, x, cos, sin, k_valid, cache, index, segment_ids=None,
                      zigzag=False):
@@ -272,9 +251,3 @@ def split_layers(decoder: Decoder) -> tuple[Decoder, list]:
   graphdef, state = nnx.split(decoder)
   state["layers"], per_layer = unstack_layer_state(state["layers"], decoder.num_layers)
   return nnx.merge(graphdef, state), per_layer
-
-
-def unstack_layer_state(layers, num_layers: int) -> tuple[Any, list]:
-  """A stacked layer state -> (empty placeholders of the same structure, one state per layer)."""
-  per_layer = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)]
-  return jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), layers), per_layer
