@@ -164,9 +164,9 @@ def _variable_pspec(var, mesh, rules, path: str = "?") -> PartitionSpec:
   return spec
 
 
-def _warn_replicated(what: str, shape: tuple, dtype, dropped: list, mesh) -> None:
+def _warn_replicated(what: str, shape: tuple, dtype, dropped: list, mesh, key: tuple | None = None) -> None:
   nbytes = math.prod(shape) * (np.dtype(dtype).itemsize if dtype is not None else 4)
-  key = (what, shape, tuple(dropped), tuple(mesh.shape.items()))
+  key = (key or (what, shape)) + (tuple(dropped), tuple(mesh.shape.items()))
   if nbytes < REPLICATED_WARN_BYTES or key in _warned:
     return
   _warned.add(key)
@@ -202,15 +202,16 @@ def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules |
 
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
   """`with_sharding_constraint` by logical (`activation_*`) names under the current mesh; a no-op without
-  one. A dimension the mesh does not divide stays replicated (logged once, as for params, from
-  REPLICATED_WARN_BYTES of the global array)."""
+  one. A dimension the mesh does not divide stays replicated: from REPLICATED_WARN_BYTES of the global
+  array that is logged as for params, once per (logical name, dimension size, mesh axes left out)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return x
   dropped = []
   spec = logical_to_pspec(axes, None, mesh, x.shape, dropped)
   if dropped:
-    _warn_replicated(f"activation {tuple(axes)}", tuple(x.shape), x.dtype, dropped, mesh)
+    _warn_replicated(f"activation {tuple(axes)}", tuple(x.shape), x.dtype, dropped, mesh,
+                     key=("activation",) + tuple(x.shape[i] for i, _, _ in dropped))
   return jax.lax.with_sharding_constraint(x, spec)
 
 

@@ -55,13 +55,14 @@ def test_replicated_large_activation_is_one_warning(caplog):
   axes = ("activation_rows", "activation_wide")
   rules = RULES + [("activation_rows", None), ("activation_wide", "tensor")]
 
-  def f(odd, even, small):
-    return constrain(odd, axes), constrain(even, axes), constrain(small, axes)
+  def f(odd, even, small, odd_too):
+    return [constrain(x, axes) for x in (odd, even, small, odd_too)]
 
-  args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((1024, 300), (1024, 304), (16, 300))]
+  args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in ((1024, 300), (1024, 304), (16, 300), (2048, 300))]
   with caplog.at_level(logging.WARNING, logger="qv_jax.sharding"), jax.set_mesh(mesh), axis_rules(rules):
     jax.jit(f).trace(*args)
     jax.jit(lambda *a: f(*a)).trace(*args)        # traced again: no second warning
+  # one line per (logical name, size, mesh axes): odd_too is the same 300 columns left out
   messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("activation ")]
   assert len(messages) == 1, messages
   assert "[1024, 300]" in messages[0] and "'activation_wide'" in messages[0] and "size 8" in messages[0]
