@@ -36,11 +36,11 @@ from qv_jax.model.rope import inv_frequencies, rope_tables  # noqa: E402
 from qv_jax.parallel.ring_attention import from_zigzag, to_zigzag  # noqa: E402
 from qv_jax.plan.target import load_target, target_mesh  # noqa: E402
 from qv_jax.plan.train_plan import analyse  # noqa: E402
-from qv_jax.sharding import axis_rules, constrain  # noqa: E402
+from qv_jax.sharding import HIDDEN_AXES, axis_rules, constrain  # noqa: E402
 from qv_jax.train.flops import matmul_flops  # noqa: E402
 
 GRIDS = {"v5p": {8: "2x2x2", 16: "2x2x4"}, "v5e": {8: "2x4", 16: "4x4"}, "v6e": {8: "2x4", 16: "4x4"}}
-SEQ = ("batch", "length", "embed")
+SEQ = HIDDEN_AXES
 
 
 def layer_step(mode: str, length: int):

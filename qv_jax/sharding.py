@@ -2,9 +2,10 @@
 
 Parameters carry their logical axis names as the variable metadata `logical_axes` (see `param`), not as
 Flax's `out_sharding`, so modules can be built anywhere (tests, eval_shape) and are placed on devices only
-by `create_sharded`. Large activations are pinned with `constrain(x, ("batch", "frames", ...))`, a no-op
-when no mesh is active. The rules live in the config (`config.sharding_rules`, default
-`qv_jax.config.mesh.LOGICAL_AXIS_RULES`); `axis_rules(rules)` makes them current for `constrain`.
+by `create_sharded`. Large activations are pinned with `constrain(x, ("activation_batch", ...))`, a no-op
+when no mesh is active. Params and activations have separate names (weights `embed`, activations
+`activation_embed`; docs/configs_and_sharding.md). The rules live in the config (`config.sharding_rules`,
+default `qv_jax.config.mesh.LOGICAL_AXIS_RULES`); `axis_rules(rules)` makes them current for `constrain`.
 """
 
 from __future__ import annotations
@@ -22,15 +23,27 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qv_jax.config.errors import ConfigError
-from qv_jax.config.mesh import LOGICAL_AXIS_RULES, MESH_AXES
+from qv_jax.config.mesh import ACTIVATION_AXIS_RULES, LOGICAL_AXIS_RULES, MESH_AXES
 
 jax.config.update("jax_threefry_partitionable", True)
 
 Axes = Sequence[str | None]
 Rules = Sequence[tuple[str, Any]]
 
-# A param at least this large that stays replicated over a mesh axis its rules name (the axis does not
-# divide the dimension) is logged once as a warning: memory and FLOPs the mesh was meant to split.
+ACTIVATION_PREFIX = "activation_"
+
+# Activation layouts used by several modules.
+HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")                # [B, L, D]
+SLOT_AXES = ("activation_batch", "activation_length")                                      # [B, L]
+QUERY_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+KV_AXES = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")                     # [B, L, F]
+LOGIT_AXES = ("activation_batch", "activation_length", "activation_vocab")                 # [B, L, V]
+FRAME_AXES = ("activation_batch", "activation_frames", "activation_tokens", "activation_vision_embed")
+
+# A param (or a constrained activation) at least this large that stays replicated over a mesh axis its
+# rules name (the axis does not divide the dimension) is logged once as a warning: memory and FLOPs the
+# mesh was meant to split.
 REPLICATED_WARN_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
@@ -44,11 +57,22 @@ class _RulesContext(threading.local):
 _CURRENT = _RulesContext()
 
 
+def with_activation_rules(rules: Rules) -> tuple:
+  """`rules` as a tuple; a table from before the activation names (no `activation_*` entry, e.g. the
+  `sharding_rules` of an older config.json) gets `activation_X` = its rule for `X`, which is how such a
+  table sharded activations. An empty table stays empty (everything replicated)."""
+  rules = tuple(tuple(r) for r in rules)
+  if not rules or any(str(name).startswith(ACTIVATION_PREFIX) for name, _ in rules):
+    return rules
+  old = dict(rules)
+  return rules + tuple((name, old.get(name[len(ACTIVATION_PREFIX):])) for name, _ in ACTIVATION_AXIS_RULES)
+
+
 @contextlib.contextmanager
 def axis_rules(rules: Rules):
   """Makes `rules` the table `constrain` and `logical_to_pspec` use by default."""
   old = _CURRENT.rules
-  _CURRENT.rules = tuple(tuple(r) for r in rules)
+  _CURRENT.rules = with_activation_rules(rules)
   try:
     yield
   finally:
@@ -86,7 +110,7 @@ def logical_to_pspec(axes: Axes | None, rules: Rules | None = None, mesh=None,
   devices); each such (dim, logical name, mesh axes left out) is appended to `dropped` when given."""
   if axes is None:
     return PartitionSpec()
-  table = dict(rules if rules is not None else _CURRENT.rules)
+  table = dict(with_activation_rules(rules) if rules is not None else _CURRENT.rules)
   used: set[str] = set()
   out = []
   for i, name in enumerate(axes):
@@ -136,20 +160,20 @@ def _variable_pspec(var, mesh, rules, path: str = "?") -> PartitionSpec:
   dropped = []
   spec = logical_to_pspec(axes, rules, mesh, shape, dropped)
   if dropped:
-    _warn_replicated(path, tuple(shape), getattr(value, "dtype", None), dropped, mesh)
+    _warn_replicated(f"param {path}", tuple(shape), getattr(value, "dtype", None), dropped, mesh)
   return spec
 
 
-def _warn_replicated(path: str, shape: tuple, dtype, dropped: list, mesh) -> None:
+def _warn_replicated(what: str, shape: tuple, dtype, dropped: list, mesh, key: tuple | None = None) -> None:
   nbytes = math.prod(shape) * (np.dtype(dtype).itemsize if dtype is not None else 4)
-  key = (path, shape, tuple(dropped), tuple(mesh.shape.items()))
+  key = (key or (what, shape)) + (tuple(dropped), tuple(mesh.shape.items()))
   if nbytes < REPLICATED_WARN_BYTES or key in _warned:
     return
   _warned.add(key)
-  what = "; ".join(f"dim {i} ({name!r}, size {shape[i]}) is not divisible by mesh axes {axes} of size "
-                   f"{_mesh_axis_size(mesh, axes)}" for i, name, axes in dropped)
-  log.warning("param %s %s (%.1f MiB) stays replicated where its rules shard it: %s", path, list(shape),
-              nbytes / 2**20, what)
+  why = "; ".join(f"dim {i} ({name!r}, size {shape[i]}) is not divisible by mesh axes {axes} of size "
+                  f"{_mesh_axis_size(mesh, axes)}" for i, name, axes in dropped)
+  log.warning("%s %s (%.1f MiB) stays replicated where its rules shard it: %s", what, list(shape),
+              nbytes / 2**20, why)
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
@@ -177,18 +201,26 @@ def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules |
 
 
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
-  """`with_sharding_constraint` by logical names under the current mesh; a no-op without one."""
+  """`with_sharding_constraint` by logical (`activation_*`) names under the current mesh; a no-op without
+  one. A dimension the mesh does not divide stays replicated: from REPLICATED_WARN_BYTES of the global
+  array that is logged as for params, once per (logical name, dimension size, mesh axes left out)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_pspec(axes, None, mesh, x.shape))
+  dropped = []
+  spec = logical_to_pspec(axes, None, mesh, x.shape, dropped)
+  if dropped:
+    _warn_replicated(f"activation {tuple(axes)}", tuple(x.shape), x.dtype, dropped, mesh,
+                     key=("activation",) + tuple(x.shape[i] for i, _, _ in dropped))
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def data_sharding(mesh: Mesh, ndim: int, rules: Rules | None = None,
                   shape: Sequence[int] | None = None) -> NamedSharding:
-  """Sharding of a batch array [B, ...]: batch over (data, fsdp), the rest replicated. With the global
-  `shape`, mesh axes that do not divide B are dropped (a batch of 1 on a context-only mesh)."""
-  return NamedSharding(mesh, logical_to_pspec(("batch",) + (None,) * (ndim - 1), rules, mesh, shape))
+  """Sharding of a batch array [B, ...]: `activation_batch` (data, fsdp), the rest replicated. With the
+  global `shape`, mesh axes that do not divide B are dropped (a batch of 1 on a context-only mesh)."""
+  axes = ("activation_batch",) + (None,) * (ndim - 1)
+  return NamedSharding(mesh, logical_to_pspec(axes, rules, mesh, shape))
 
 
 def _host(device) -> tuple[int, int]:

@@ -50,7 +50,7 @@ def test_logical_to_pspec_rules():
   assert sharding.logical_to_pspec(("embed", "mlp"), None, mesh, (16, 32)) == jax.sharding.PartitionSpec("fsdp", "tensor")
   # a dimension the mesh axis does not divide stays replicated
   assert sharding.logical_to_pspec(("embed", "mlp"), None, mesh, (3, 32)) == jax.sharding.PartitionSpec(None, "tensor")
-  assert sharding.logical_to_pspec(("batch", None), None, mesh, (8, 3)) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+  assert sharding.logical_to_pspec(("activation_batch", None), None, mesh, (8, 3)) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
 
 
 def test_mesh_must_match_devices():
@@ -68,5 +68,5 @@ def test_create_sharded_matches_unsharded():
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   np.testing.assert_array_equal(np.asarray(kernel), np.asarray(plain.kernel.get_value()))
   with jax.set_mesh(mesh):
-    y = nnx.jit(lambda m, x: sharding.constrain(m(x), ("batch", "mlp")))(sharded, jnp.ones((8, 16)))
+    y = nnx.jit(lambda m, x: sharding.constrain(m(x), ("activation_batch", "activation_mlp")))(sharded, jnp.ones((8, 16)))
   np.testing.assert_allclose(np.asarray(y), np.asarray(plain(jnp.ones((8, 16)))), rtol=1e-6)

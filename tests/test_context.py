@@ -24,7 +24,8 @@ from qv_jax.model.decoder import Decoder
 from qv_jax.model.generate import generate
 from qv_jax.parallel.context import check_config
 from qv_jax.parallel.context_cubing import chunked_reference_boundaries
-from qv_jax.sharding import axis_rules, data_sharding, logical_to_pspec, make_mesh, state_shardings
+from qv_jax.sharding import (FRAME_AXES, HIDDEN_AXES, axis_rules, data_sharding, logical_to_pspec, make_mesh,
+                             state_shardings)
 import context_util
 from context_util import (collective_executors, long_video_batch, long_video_config, make_model, perturbed,
                           sharded_step)
@@ -64,8 +65,8 @@ def assert_grads_close(got, want, rtol=1e-5, noise=None):
 def test_context_axis_rules_and_a_batch_of_one():
   mesh = make_mesh(_sizes(context=-1, fsdp=2))
   assert dict(mesh.shape) == dict(data=1, fsdp=2, context=4, tensor=1)
-  assert logical_to_pspec(("batch", "frames", "tokens"), None, mesh, (2, 64, 36)) == P("fsdp", "context", None)
-  assert logical_to_pspec(("batch", "length", "embed"), None, mesh, (2, 512, 64)) == P("fsdp", "context", None)
+  assert logical_to_pspec(FRAME_AXES[:3], None, mesh, (2, 64, 36)) == P("fsdp", "context", None)
+  assert logical_to_pspec(HIDDEN_AXES, None, mesh, (2, 512, 64)) == P("fsdp", "context", None)
   # one sample on 8 chips: the batch stays whole, the frames split
   assert data_sharding(mesh, 5, shape=(1, 64, 98, 98, 3)).spec == P(None, None, None, None, None)
   assert make_mesh(dict(data=-1, fsdp=1, tensor=1)).shape["context"] == 1      # older configs

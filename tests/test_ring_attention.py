@@ -19,7 +19,7 @@ from qv_jax.model.attention import attend
 from qv_jax.model.decoder import Decoder
 from qv_jax.parallel.ring_attention import (allgather_attention, from_zigzag, ring_attention, to_zigzag,
                                             uses_ring, zigzag_order)
-from qv_jax.sharding import axis_rules, make_mesh, state_shardings
+from qv_jax.sharding import SLOT_AXES, axis_rules, make_mesh, state_shardings
 
 B, L, H, KV, HD = 2, 64, 6, 2, 8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,8 +64,8 @@ def _rel(a, b):
 def test_zigzag_layout_and_its_inverse(c):
   x = jnp.tile(jnp.arange(L, dtype=jnp.int32)[None], (B, 1))
   with jax.set_mesh(_mesh(context=c)):
-    z = jax.jit(lambda x: to_zigzag(x, ("batch", "length")))(x)
-    back = jax.jit(lambda z: from_zigzag(z, ("batch", "length")))(z)
+    z = jax.jit(lambda x: to_zigzag(x, SLOT_AXES))(x)
+    back = jax.jit(lambda z: from_zigzag(z, SLOT_AXES))(z)
   order = zigzag_order(L, c)
   np.testing.assert_array_equal(np.asarray(z)[0], order)
   n = L // (2 * c)

@@ -7,9 +7,9 @@ from qv_jax.config.errors import require
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 # Logical axis name -> mesh axis (or axes, or None). The only place logical names meet mesh axes.
-LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("context_batch", ("data", "fsdp", "context")),   # [B·C] rows: a sample's frame shards (vision tower)
+# Params carry the weight names, activations (`constrain`, shard_map specs, the KV cache, the batch) the
+# `activation_*` names, so the two can be sharded independently (docs/configs_and_sharding.md).
+WEIGHT_AXIS_RULES = (
     ("embed", "fsdp"),
     ("vision_embed", "fsdp"),
     ("mlp", "tensor"),
@@ -18,15 +18,31 @@ LOGICAL_AXIS_RULES = (
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
-    ("kv", None),
     ("queries", None),
-    ("frames", "context"),
     ("tokens", None),
-    ("cubes", None),
     ("layers", None),
-    ("length", "context"),
     ("channels", None),
 )
+
+ACTIVATION_AXIS_RULES = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_context_batch", ("data", "fsdp", "context")),  # [B·C] rows: a sample's frame shards
+    ("activation_frames", "context"),
+    ("activation_length", "context"),
+    ("activation_tokens", None),
+    ("activation_cubes", None),
+    ("activation_queries", None),
+    ("activation_embed", "fsdp"),
+    ("activation_vision_embed", "fsdp"),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_head_dim", None),
+    ("activation_vocab", "tensor"),
+    ("activation_layers", None),
+)
+
+LOGICAL_AXIS_RULES = WEIGHT_AXIS_RULES + ACTIVATION_AXIS_RULES
 
 
 def mesh_defaults() -> ml_collections.ConfigDict:

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from qv_jax.config import validate
 from qv_jax.config.errors import ConfigError
 from qv_jax.config.mesh import LOGICAL_AXIS_RULES
-from qv_jax.model.decoder import unstack_layer_state
+from qv_jax.layers.stack import unstack_layer_state
 from qv_jax.model.quicksviewer import Quicksviewer
 from qv_jax.sharding import axis_rules, make_mesh, state_shardings
 from qv_jax.train import checkpoint as ckpt

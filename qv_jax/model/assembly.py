@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from qv_jax.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX, MODALITY_VIDEO
-from qv_jax.sharding import constrain
+from qv_jax.sharding import HIDDEN_AXES, constrain
 
 KIND_DROP, KIND_TEXT, KIND_THUMB, KIND_CUBE, KIND_IMAGE = 0, 1, 2, 3, 4
 
@@ -135,9 +135,9 @@ def assemble(plan: SequencePlan, text_embeds, thumbnail, cube_tokens, image_toke
   parts = [text_embeds, thumbnail.astype(dtype), cube_tokens.reshape(b, -1, d).astype(dtype)]
   if image_tokens is not None:
     parts.append(image_tokens.reshape(b, -1, d).astype(dtype))
-  bank = constrain(jnp.concatenate(parts, axis=1), ("batch", None, "embed"))
+  bank = constrain(jnp.concatenate(parts, axis=1), ("activation_batch", None, "activation_embed"))
   embeds = jnp.take_along_axis(bank, plan.source[..., None], axis=1)
-  embeds = constrain(jnp.where(plan.mask[..., None], embeds, 0).astype(dtype), ("batch", "length", "embed"))
+  embeds = constrain(jnp.where(plan.mask[..., None], embeds, 0).astype(dtype), HIDDEN_AXES)
   # A sample's first token is never a target: the one-token shift must not cross into another sample.
   supervised = plan.is_text & (plan.positions > 0)
   out_labels = jnp.where(supervised, jnp.take_along_axis(labels, plan.text_index, axis=1), IGNORE_INDEX)

@@ -18,7 +18,7 @@ from flax import nnx
 from qv_jax.model.rope import apply_rope
 from qv_jax.parallel.context import context_size
 from qv_jax.parallel.ring_attention import allgather_attention, ring_attention, uses_ring
-from qv_jax.sharding import constrain, param
+from qv_jax.sharding import KV_AXES, QUERY_AXES, constrain, param
 
 _MASKED = float(np.finfo(np.float32).min)
 
@@ -143,9 +143,9 @@ class Attention(nnx.Module):
     sin, k_valid and segment_ids are already in the ring's zig-zag layout (the Decoder arranges that
     once for all layers), else each ring call permutes.
     """
-    q = constrain(apply_rope(self.q_proj(x), cos, sin), ("batch", "length", "heads", "head_dim"))
-    k = constrain(apply_rope(self.k_proj(x), cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-    v = constrain(self.v_proj(x), ("batch", "length", "kv_heads", "head_dim"))
+    q = constrain(apply_rope(self.q_proj(x), cos, sin), QUERY_AXES)
+    k = constrain(apply_rope(self.k_proj(x), cos, sin), KV_AXES)
+    v = constrain(self.v_proj(x), KV_AXES)
     q_slots = index + jnp.arange(x.shape[1], dtype=jnp.int32)
     if cache_kv is None:
       k_all, v_all = k, v

@@ -34,7 +34,7 @@ from qv_jax.model.cubing import Cubing, aux_norm_loss, cube_partition, pool_toke
 from qv_jax.model.gumbel import gumbel_noise_weight, max_cubes, num_cubes
 from qv_jax.model.resampler import Resampler
 from qv_jax.parallel.context_cubing import global_frame_means
-from qv_jax.sharding import constrain
+from qv_jax.sharding import FRAME_AXES, constrain
 
 __all__ = ["Compressor", "CompressorOutput", "CompressorSettings", "check_inputs", "num_cubes",
            "max_cubes", "gumbel_noise_weight"]
@@ -183,7 +183,7 @@ class Compressor(nnx.Module):
     kmax = max_cubes(f, s.frames_per_cube)
     n = jnp.clip(jnp.asarray(num_frames, jnp.int32), 2, f)
     frame_valid = jnp.arange(f)[None, :] < n[:, None]
-    x = constrain(features.astype(self.dtype), ("batch", "frames", "tokens", "vision_embed"))
+    x = constrain(features.astype(self.dtype), FRAME_AXES)
     # padded frames are masked where they are read (here and per chunk in the resampler), so no
     # masked copy of the features is made and non-finite padding cannot leak
     pooled = jnp.where(frame_valid[:, :, None, None], pool_tokens(x, s.thumbnail_pool), 0.0)
@@ -210,7 +210,7 @@ class Compressor(nnx.Module):
     tokens = self.resampler(x, cube_ids, frame_valid, num_cubes=kmax)
     tokens = jnp.where(cube_mask[:, :, None, None], tokens, 0).astype(self.dtype)
     return CompressorOutput(
-        thumbnail=constrain(thumbnail, ("batch", "queries", "embed")),
+        thumbnail=constrain(thumbnail, ("activation_batch", "activation_queries", "activation_embed")),
         cube_tokens=tokens, cube_mask=cube_mask, cube_start=cube_start, cube_ids=cube_ids,
         boundary=boundary, logits=logits, logit_mask=logit_mask,
         aux_loss=aux_norm_loss(logits, logit_mask))

@@ -33,12 +33,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qv_jax.layers import Dense, RMSNorm
+from qv_jax.layers.stack import scan_layers, stack_layers, unstack_layer_state
 from qv_jax.model.attention import Attention
 from qv_jax.model.rope import inv_frequencies, rope_tables
 from qv_jax.parallel.ring_attention import from_zigzag, to_zigzag, uses_ring
-from qv_jax.sharding import constrain, param
+from qv_jax.sharding import HIDDEN_AXES, KV_AXES, LOGIT_AXES, MLP_AXES, SLOT_AXES, constrain, param
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = ("activation_layers",) + KV_AXES      # the KV cache [N, B, S, KV, hd]
 
 
 class KVCache(NamedTuple):
@@ -85,7 +86,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-    return self.down_proj(constrain(h, ("batch", "length", "mlp")))
+    return self.down_proj(constrain(h, MLP_AXES))
 
 
 class DecoderLayer(nnx.Module):
@@ -101,18 +102,9 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x, cos, sin, k_valid, cache_kv=None, index=0, segment_ids=None, zigzag=False):
     attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, k_valid, cache_kv, index, segment_ids,
                               zigzag)
-    x = constrain(x + attn, ("batch", "length", "embed"))
+    x = constrain(x + attn, HIDDEN_AXES)
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return constrain(x, ("batch", "length", "embed")), kv
-
-
-def _stack_layer_axes(state: nnx.State) -> nnx.State:
-  """Prepends the logical name `layers` to every param of a vmapped (stacked) layer state."""
-  for _, var in nnx.to_flat_state(state):
-    axes = var.get_metadata().get("logical_axes")
-    if axes is not None:
-      var.set_metadata(logical_axes=("layers",) + tuple(axes))
-  return state
+    return constrain(x, HIDDEN_AXES), kv
 
 
 class Decoder(nnx.Module):
@@ -135,12 +127,7 @@ class Decoder(nnx.Module):
 
     self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **common)
 
-    def make_layer(key):
-      return nnx.state(DecoderLayer(cfg, rngs=nnx.Rngs(params=key), **common))
-
-    layer_def = nnx.graphdef(nnx.eval_shape(lambda: DecoderLayer(cfg, rngs=nnx.Rngs(0), **common)))
-    keys = jax.random.split(rngs.params(), cfg.num_layers)
-    self.layers = nnx.merge(layer_def, _stack_layer_axes(jax.vmap(make_layer)(keys)))
+    self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r, **common), cfg.num_layers, rngs)
 
     self.norm = DecoderRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.lm_head = (None if self.tied else
@@ -150,7 +137,7 @@ class Decoder(nnx.Module):
   def embed(self, ids: jax.Array) -> jax.Array:
     """ids [B, L] int32 -> [B, L, D] in the compute dtype. Ids outside [0, V) (e.g. the -200 image
     placeholder) read row clip(id, 0, V-1); callers overwrite those slots."""
-    return constrain(self.embed_tokens(ids), ("batch", "length", "embed"))
+    return constrain(self.embed_tokens(ids), HIDDEN_AXES)
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
     """An empty cache of `max_len` slots (dtype: the compute dtype unless given)."""
@@ -169,31 +156,23 @@ class Decoder(nnx.Module):
     else:
       kernel = self.lm_head.kernel.get_value().astype(self.dtype)
       logits = jnp.einsum("bld,dv->blv", h, kernel, preferred_element_type=jnp.float32)
-    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return constrain(logits.astype(jnp.float32), LOGIT_AXES)
 
   def _run_layers(self, x, cos, sin, k_valid, cache, segment_ids=None, layer_params=None, zigzag=False):
-    graphdef, state = nnx.split(self.layers)
     index = 0 if cache is None else cache.index
     if layer_params is not None:
-      return self._run_unstacked(graphdef, layer_params, x, cos, sin, k_valid, cache, index, segment_ids,
-                                 zigzag)
+      return self._run_unstacked(nnx.graphdef(self.layers), layer_params, x, cos, sin, k_valid, cache, index,
+                                 segment_ids, zigzag)
 
-    def body(h, xs):
-      layer_state, cache_kv = xs
-      h, kv = nnx.merge(graphdef, layer_state)(h, cos, sin, k_valid, cache_kv, index, segment_ids, zigzag)
+    def body(layer, h, cache_kv):
+      h, kv = layer(h, cos, sin, k_valid, cache_kv, index, segment_ids, zigzag)
       return h, (kv if cache is not None else None)
 
-    if self.remat_policy != "none":
-      policy = getattr(jax.checkpoint_policies, self.remat_policy)    # names: config.model.REMAT_POLICIES
-      body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
+    remat = self.remat_policy != "none"
+    policy = getattr(jax.checkpoint_policies, self.remat_policy) if remat else None   # REMAT_POLICIES
     cache_kv = None if cache is None else (cache.k, cache.v)
-    if self.scan_layers:
-      return jax.lax.scan(body, x, (state, cache_kv))
-    new_kv = []
-    for i in range(self.num_layers):
-      x, kv = body(x, jax.tree.map(lambda a: a[i], (state, cache_kv)))
-      new_kv.append(kv)
-    return x, (None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *new_kv))
+    return scan_layers(self.layers, body, x, cache_kv, remat=remat, policy=policy,
+                       prevent_cse=not self.scan_layers, unroll=not self.scan_layers)
 
   def _run_unstacked(self, graphdef, layer_params, x, cos, sin, k_valid, cache, index, segment_ids=None,
                      zigzag=False):
@@ -225,7 +204,7 @@ class Decoder(nnx.Module):
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("Decoder: pass exactly one of input_ids and inputs_embeds")
     x = self.embed(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)
-    x = constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, HIDDEN_AXES)
     batch, length = x.shape[:2]
     if positions.shape != (batch, length) or mask.shape != (batch, length):
       raise ValueError(f"Decoder: positions {positions.shape} and mask {mask.shape} must be "
@@ -234,9 +213,9 @@ class Decoder(nnx.Module):
     positions = jnp.where(mask, positions, 0).astype(jnp.int32)
     zigzag = uses_ring(self.context_attention, cache, length)
     if zigzag:     # ring attention's load-balanced layout, once for all layers (undone after them)
-      x = to_zigzag(x, ("batch", "length", "embed"))
-      positions, mask = (to_zigzag(a, ("batch", "length")) for a in (positions, mask))
-      segment_ids = None if segment_ids is None else to_zigzag(segment_ids, ("batch", "length"))
+      x = to_zigzag(x, HIDDEN_AXES)
+      positions, mask = (to_zigzag(a, SLOT_AXES) for a in (positions, mask))
+      segment_ids = None if segment_ids is None else to_zigzag(segment_ids, SLOT_AXES)
     head_dim, theta, scaling = self.rope
     cos, sin = rope_tables(positions, inv_frequencies(head_dim, theta, None if scaling is None
                                                       else dict(scaling)), self.dtype)
@@ -250,7 +229,7 @@ class Decoder(nnx.Module):
       raise ValueError("Decoder: segment_ids (packed rows) are for training, not with a KV cache")
     x, new_kv = self._run_layers(x, cos, sin, k_valid, cache, segment_ids, layer_params, zigzag)
     if zigzag:
-      x = from_zigzag(x, ("batch", "length", "embed"))
+      x = from_zigzag(x, HIDDEN_AXES)
     if cache is not None:
       start = (0, 0, cache.index, 0, 0)
       k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), start)
@@ -272,9 +251,3 @@ def split_layers(decoder: Decoder) -> tuple[Decoder, list]:
   graphdef, state = nnx.split(decoder)
   state["layers"], per_layer = unstack_layer_state(state["layers"], decoder.num_layers)
   return nnx.merge(graphdef, state), per_layer
-
-
-def unstack_layer_state(layers, num_layers: int) -> tuple[Any, list]:
-  """A stacked layer state -> (empty placeholders of the same structure, one state per layer)."""
-  per_layer = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)]
-  return jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), layers), per_layer

@@ -22,7 +22,7 @@ from qv_jax.model.decoder import Decoder
 from qv_jax.model.vision_tower import SiglipVisionTower
 from qv_jax.parallel.context import check_divisible, context_size
 from qv_jax.parallel.context_vision import encode_frames_split
-from qv_jax.sharding import constrain
+from qv_jax.sharding import FRAME_AXES, constrain
 
 
 @flax.struct.dataclass
@@ -47,7 +47,7 @@ class Quicksviewer(nnx.Module):
     -> [B, F, P, Dv]."""
     if context_size() > 1:
       return encode_frames_split(self.vision_tower, frames)
-    return constrain(self.vision_tower.encode_frames(frames), ("batch", "frames", "tokens", "vision_embed"))
+    return constrain(self.vision_tower.encode_frames(frames), FRAME_AXES)
 
   def prepare_inputs(self, batch: dict, *, key: jax.Array, noise_weight, encode_images: bool = True,
                      features: jax.Array | None = None, max_seq_len: int | None = None, layer_params=None

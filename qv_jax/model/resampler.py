@@ -24,6 +24,8 @@ from qv_jax.model.resampler_plain import attend_plain
 from qv_jax.parallel.context import context_size
 from qv_jax.sharding import constrain, param
 
+_CUBE_AXES = ("activation_batch", "activation_cubes", "activation_queries")     # [B, M, Q, ...]
+
 
 class ResamplerWeights(NamedTuple):
   """The resampler's parameters as fp32 arrays (kernels [in, out])."""
@@ -105,7 +107,7 @@ class Resampler(nnx.Module):
       attn = attend_plain(self.weights(), features, cube_ids, frame_valid, frame_positions, **kwargs)
     else:
       raise ValueError(f"resampler impl {impl!r}; expected 'fast' or 'plain'")
-    attn = constrain(attn.astype(self.dtype), ("batch", "cubes", "queries", "heads"))
+    attn = constrain(attn.astype(self.dtype), _CUBE_AXES + ("activation_heads",))
     out = self.ln_post(self.out_proj(attn))
     out = jnp.matmul(out, self.proj.get_value().astype(self.dtype))
-    return constrain(out, ("batch", "cubes", "queries", "embed"))
+    return constrain(out, _CUBE_AXES + ("activation_embed",))

@@ -37,9 +37,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from qv_jax.layers import Dense, LayerNorm
-from qv_jax.sharding import _variable_pspec, axis_rules, constrain, logical_to_pspec, param
+from qv_jax.layers.stack import scan_layers, stack_layers
+from qv_jax.sharding import FRAME_AXES, _variable_pspec, axis_rules, constrain, logical_to_pspec, param
 
-_LAYER_AXES = {nnx.PARTITION_NAME: "layers", "logical_axes": "layers"}
+_ROW_AXES = ("activation_batch", "activation_tokens", "activation_vision_embed")    # [N, T, Dv]
 
 
 def normalize_pixels(frames: jax.Array) -> jax.Array:
@@ -143,7 +144,7 @@ class SiglipEncoderLayer(nnx.Module):
     self.mlp = SiglipMLP(vision.hidden_size, vision.intermediate_size, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = constrain(x, ("batch", "tokens", "vision_embed"))
+    x = constrain(x, _ROW_AXES)
     x = x + self.self_attn(self.layer_norm1(x))
     return x + self.mlp(self.layer_norm2(x))
 
@@ -168,12 +169,8 @@ class SiglipVisionTower(nnx.Module):
                                     (self.grid_in ** 2, v.hidden_size), ("tokens", "vision_embed"),
                                     param_dtype)
 
-    @nnx.split_rngs(splits=v.num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYER_AXES)
-    def make_layers(rngs):
-      return SiglipEncoderLayer(v, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
-
-    self.layers = make_layers(rngs)
+    self.layers = stack_layers(
+        lambda r: SiglipEncoderLayer(v, dtype=self.dtype, param_dtype=param_dtype, rngs=r), v.num_layers, rngs)
 
   @property
   def num_tokens(self) -> int:
@@ -191,20 +188,14 @@ class SiglipVisionTower(nnx.Module):
     self._check(pixels, 4, "hidden_states")
     x = self.patch_embed(pixels)
     x = x + self.position_embedding.get_value().astype(self.dtype)
-    graphdef, layer_state = nnx.split(self.layers)
-
-    def layer(h, state):
-      return nnx.merge(graphdef, state)(h), None
-
-    if self.remat:
-      layer = jax.checkpoint(layer, prevent_cse=False)
-    x, _ = jax.lax.scan(layer, x, layer_state)
+    step = lambda layer, h, _: (layer(h), None)  # noqa: E731
+    x, _ = scan_layers(self.layers, step, x, remat=self.remat, prevent_cse=False)
     return x
 
   def __call__(self, pixels: jax.Array) -> jax.Array:
     """[N, S, S, 3] in [-1, 1] -> [N, grid_out², Dv] in the compute dtype."""
     features = interpolate_grid(self.hidden_states(pixels), self.grid_in, self.grid_out)
-    return constrain(features, ("batch", "tokens", "vision_embed"))
+    return constrain(features, _ROW_AXES)
 
   def encode_frames(self, pixels: jax.Array) -> jax.Array:
     """[B, F, S, S, 3] -> [B, F, grid_out², Dv], `vision.frame_chunk` frames per sample at a time.
@@ -233,7 +224,7 @@ class SiglipVisionTower(nnx.Module):
     loop = lambda st, c: jax.lax.map(lambda x: run(st, x), c)  # noqa: E731
     out = _weights_gathered_once(loop, state, chunks) if self.gather_once else loop(state, chunks)
     out = out.swapaxes(0, 1).reshape(b, n * chunk, self.num_tokens, -1)[:, :f]
-    return constrain(out, ("batch", "frames", "tokens", "vision_embed"))
+    return constrain(out, FRAME_AXES)
 
 
 def _mesh_axes(spec) -> set:
@@ -251,7 +242,7 @@ def _weights_gathered_once(loop, state, chunks: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or mesh.manual_axes:
     return loop(state, chunks)
-  batch = logical_to_pspec((None, "batch"), None, mesh, chunks.shape[:2])[1]
+  batch = logical_to_pspec((None, "activation_batch"), None, mesh, chunks.shape[:2])[1]
   is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
   specs = [_variable_pspec(v, mesh, None) for v in jax.tree.leaves(state, is_leaf=is_var)]
   leaves, tree = jax.tree.flatten(state)

@@ -22,7 +22,7 @@ from qv_jax.sharding import constrain
 
 def global_frame_means(means: jax.Array) -> jax.Array:
   """[B, F, Dv] frame means -> the same, whole on every chip of the context (and fsdp) axes."""
-  return constrain(means, ("batch", None, None))
+  return constrain(means, ("activation_batch", None, None))
 
 
 def chunked_reference_boundaries(cubing, pooled: jax.Array, chunks: int, frames_per_cube: int,

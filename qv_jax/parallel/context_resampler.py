@@ -24,7 +24,7 @@ from qv_jax.sharding import logical_to_pspec
 def _specs(x):
   """(batch axes or None, the batch-axis names to reduce over) for x [B, F, ...] under the mesh."""
   mesh = jax.sharding.get_abstract_mesh()
-  spec = logical_to_pspec(("batch",), None, mesh, x.shape[:1])
+  spec = logical_to_pspec(("activation_batch",), None, mesh, x.shape[:1])
   batch = spec[0] if len(spec) else None
   names = () if batch is None else (batch if isinstance(batch, tuple) else (batch,))
   return batch, names

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from qv_jax.parallel.context import check_divisible, context_size
-from qv_jax.sharding import axis_rules, constrain, current_rules
+from qv_jax.sharding import FRAME_AXES, axis_rules, constrain, current_rules
 
 
 def encode_frames_split(tower, pixels: jax.Array) -> jax.Array:
@@ -18,10 +18,10 @@ def encode_frames_split(tower, pixels: jax.Array) -> jax.Array:
   b, f = pixels.shape[:2]
   check_divisible("frames (the frame bucket F)", f, c)
   rows = constrain(pixels.reshape(b * c, f // c, *pixels.shape[2:]),
-                   ("context_batch",) + (None,) * (pixels.ndim - 1))
+                   ("activation_context_batch",) + (None,) * (pixels.ndim - 1))
   rules = dict(current_rules())
-  rules.update(batch=rules.get("context_batch"), frames=None)
+  rules.update(activation_batch=rules.get("activation_context_batch"), activation_frames=None)
   with axis_rules(tuple(rules.items())):
     out = tower.encode_frames(rows)
   out = out.reshape(b, f, *out.shape[2:])
-  return constrain(out, ("batch", "frames", "tokens", "vision_embed"))
+  return constrain(out, FRAME_AXES)

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from qv_jax.parallel.context import AXIS, context_size
-from qv_jax.sharding import logical_to_pspec
+from qv_jax.sharding import KV_AXES, QUERY_AXES, SLOT_AXES, logical_to_pspec
 
 _MASKED = float(np.finfo(np.float32).min)
 
@@ -202,8 +202,7 @@ def _local_ring(q, k, v, k_valid, segments, *, c, length):
 
 def _head_specs(q, k):
   """Heads split the same way for q and k/v (so local GQA groups line up), else not at all."""
-  qs, ks = _spec(("batch", "length", "heads", "head_dim"), q.shape), _spec(
-      ("batch", "length", "kv_heads", "head_dim"), k.shape)
+  qs, ks = _spec(QUERY_AXES, q.shape), _spec(KV_AXES, k.shape)
   if qs[2] != ks[2]:
     qs, ks = P(qs[0], AXIS, None, None), P(ks[0], AXIS, None, None)
   return qs, ks
@@ -222,12 +221,11 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_valid: jax.Array,
   check_length(length, c)
   if not zigzag:
     out = ring_attention(*(to_zigzag(x, a) for x, a in (
-        (q, ("batch", "length", "heads", "head_dim")), (k, ("batch", "length", "kv_heads", "head_dim")),
-        (v, ("batch", "length", "kv_heads", "head_dim")), (k_valid, ("batch", "length")))),
-        None if segment_ids is None else to_zigzag(segment_ids, ("batch", "length")), zigzag=True)
-    return from_zigzag(out, ("batch", "length", "heads", "head_dim"))
+        (q, QUERY_AXES), (k, KV_AXES), (v, KV_AXES), (k_valid, SLOT_AXES))),
+        None if segment_ids is None else to_zigzag(segment_ids, SLOT_AXES), zigzag=True)
+    return from_zigzag(out, QUERY_AXES)
   qs, ks = _head_specs(q, k)
-  ts = _spec(("batch", "length"), k_valid.shape)
+  ts = _spec(SLOT_AXES, k_valid.shape)
   args = (q, k, v, k_valid.astype(bool)) + (() if segment_ids is None else (segment_ids.astype(jnp.int32),))
 
   def local(q, k, v, valid, *seg):
@@ -248,7 +246,7 @@ def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, k_valid: jax.A
   c = context_size()
   length = q.shape[1]
   qs, ks = _head_specs(q, k)
-  ts = _spec(("batch", "length"), k_valid.shape)
+  ts = _spec(SLOT_AXES, k_valid.shape)
   args = (q, k, v, k_valid.astype(bool)) + (() if segment_ids is None else (segment_ids.astype(jnp.int32),))
 
   if length % c:

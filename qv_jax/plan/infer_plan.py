@@ -20,7 +20,7 @@ from qv_jax.model import generate
 from qv_jax.model.decoder import CACHE_AXES
 from qv_jax.plan.target import Target, target_mesh
 from qv_jax.plan.train_plan import analyse, sharded_bytes
-from qv_jax.sharding import axis_rules, logical_to_pspec, state_shardings
+from qv_jax.sharding import SLOT_AXES, axis_rules, logical_to_pspec, state_shardings
 from qv_jax.train.compile import abstract_batch
 from qv_jax.train.flops import matmul_flops
 from qv_jax.train.state import abstract_like, model_factory
@@ -45,7 +45,7 @@ def abstract_cache(model_graphdef, params, config, mesh, batch: int, slots: int)
   rules = config.sharding_rules
 
   def shard(x):
-    axes = CACHE_AXES if x.ndim == 5 else (("batch", "length") if x.ndim == 2 else ())
+    axes = CACHE_AXES if x.ndim == 5 else (SLOT_AXES if x.ndim == 2 else ())
     return NamedSharding(mesh, logical_to_pspec(axes, rules, mesh, x.shape))
   return jax.tree.map(lambda x: _abstract(x, shard(x)), shapes)
 
@@ -63,7 +63,7 @@ def abstract_decode_state(model_graphdef, params, config, mesh, batch: int, prom
   """The `DecodeState` the Generator's prefill hands to its decode loop (cache of P + N - 1 slots)."""
   cache = abstract_cache(model_graphdef, params, config, mesh, batch, prompt_len + new_tokens - 1)
   rules = config.sharding_rules
-  rows = lambda *shape: NamedSharding(mesh, logical_to_pspec(("batch",) + (None,) * (len(shape) - 1), rules,
+  rows = lambda *shape: NamedSharding(mesh, logical_to_pspec(("activation_batch",) + (None,) * (len(shape) - 1), rules,
                                                              mesh, shape))
   vec = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=rows(batch))
   return generate.DecodeState(

@@ -43,7 +43,7 @@ def _microbatches(batch: dict, accum: int) -> dict:
   """[B, ...] -> [A, B/A, ...] with micro-batch i = samples i, i+A, ..."""
   def split(x):
     x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
-    return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+    return constrain(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
   return jax.tree.map(split, batch)
 
 
