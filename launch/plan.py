@@ -133,7 +133,7 @@ def jobs_from(args, config) -> list[dict]:
 
 def run_one(config_spec: str, job: dict, cache_dir: str) -> dict:
   """Plans one job in this process; errors become {'error': one line}."""
-  from qv_jax.plan.train_plan import apply_overrides, plan_error, plan_train
+  from qv_jax.plan.train_plan import apply_overrides, error_detail, plan_error, plan_train
   from qv_jax.plan.target import load_target
   try:
     if cache_dir:
@@ -152,7 +152,9 @@ def run_one(config_spec: str, job: dict, cache_dir: str) -> dict:
       return plan_infer(config, target, job["mesh"], job["step"], new_tokens=job["new_tokens"])
     return plan_train(config, target, job["mesh"])
   except Exception as e:  # noqa: BLE001  (one line per failed configuration)
-    return dict(job, mesh_arg=",".join(map(str, job["mesh"])), error=plan_error(e))
+    out = dict(job, mesh_arg=",".join(map(str, job["mesh"])), error=plan_error(e))
+    detail = error_detail(e)
+    return dict(out, error_detail=detail) if detail else out
 
 
 def run_jobs(args, jobs: list[dict]) -> list[dict]:

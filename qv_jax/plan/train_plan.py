@@ -161,7 +161,8 @@ def plan_train(config, target: Target, mesh_shape) -> dict:
               batch=int(d.batch_size), frames=int(max(d.frame_buckets)), max_seq_len=int(d.max_seq_len),
               seq_len=seq_len, pack_samples=int(d.pack_samples) if is_packed(info["batch"]) else 0,
               remat=bool(config.model.vision.remat), frame_chunk=int(config.model.vision.frame_chunk),
-              gather_once=bool(config.model.vision.get("gather_once", False)), grad_accum=int(config.train.grad_accum), compile_s=sum(phases.values()), compile_phases_s=phases)
+              gather_once=bool(config.model.vision.get("gather_once", False)), grad_accum=int(config.train.grad_accum), compile_s=sum(v for k, v in phases.items() if not k.endswith("_cpu_s")),
+              compile_phases_s=phases)
 
 
 def plan_error(e: Exception) -> str:
@@ -170,3 +171,10 @@ def plan_error(e: Exception) -> str:
     return str(e)
   first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
   return f"{type(e).__name__}: {first[:300]}"
+
+
+def error_detail(e: Exception, max_lines: int = 60) -> list[str]:
+  """The lines of a compile failure after its first (for an HBM out-of-memory, XLA's list of the largest
+  allocations: what to shrink), at most `max_lines`."""
+  lines = [line.rstrip() for line in str(e).strip().splitlines()[1:] if line.strip()]
+  return lines[:max_lines]
