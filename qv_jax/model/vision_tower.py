@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from qv_jax.config.typed import VisionConfig, expect
 from qv_jax.layers import Dense, LayerNorm
 from qv_jax.sharding import _variable_pspec, axis_rules, constrain, logical_to_pspec, param
 
@@ -74,6 +75,11 @@ def interpolate_grid(tokens: jax.Array, grid_in: int, grid_out: int) -> jax.Arra
   x = jnp.einsum("oi,nijd->nojd", w, x)
   x = jnp.einsum("pj,nojd->nopd", w, x)
   return x.reshape(n, grid_out * grid_out, d).astype(tokens.dtype)
+
+
+def checkpoint_policy(name: str):
+  """The `jax.checkpoint` policy of a `REMAT_POLICIES` name; "nothing_saveable" is jax's default (None)."""
+  return None if name == "nothing_saveable" else getattr(jax.checkpoint_policies, name)
 
 
 class PatchEmbed(nnx.Module):
@@ -134,7 +140,9 @@ class SiglipMLP(nnx.Module):
 class SiglipEncoderLayer(nnx.Module):
   """Pre-LN: x + attn(LN1(x)), then x + mlp(LN2(x)). [N, T, Dv] -> [N, T, Dv]."""
 
-  def __init__(self, vision, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, vision: VisionConfig, *, rngs: nnx.Rngs):
+    expect(vision, VisionConfig, "SiglipEncoderLayer")
+    dtype, param_dtype = jnp.dtype(vision.dtype), jnp.dtype(vision.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ln = dict(eps=vision.layer_norm_eps, axis_name="vision_embed", param_dtype=param_dtype, rngs=rngs)
     self.layer_norm1 = LayerNorm(vision.hidden_size, **ln)
@@ -151,17 +159,18 @@ class SiglipEncoderLayer(nnx.Module):
 class SiglipVisionTower(nnx.Module):
   """SigLIP features per frame: `__call__(pixels [N, S, S, 3]) -> [N, grid_out², Dv]`.
 
-  model_config: `config.model` (uses `.vision`, `.compute_dtype`, `.param_dtype`).
+  config: a `VisionConfig` (`validate(config).model.vision`, with the model's dtypes).
   """
 
-  def __init__(self, model_config, *, rngs: nnx.Rngs):
-    v = model_config.vision
-    self.dtype = jnp.dtype(model_config.compute_dtype)
-    param_dtype = jnp.dtype(model_config.param_dtype)
+  def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs):
+    expect(config, VisionConfig, "SiglipVisionTower")
+    v = config
+    self.dtype = jnp.dtype(v.dtype)
+    param_dtype = jnp.dtype(v.param_dtype)
     self.image_size, self.grid_out = int(v.image_size), int(v.grid_out)
     self.grid_in = v.image_size // v.patch_size
-    self.frame_chunk, self.remat = int(v.frame_chunk), bool(v.remat)
-    self.gather_once = bool(v.get("gather_once", False))
+    self.frame_chunk, self.remat_policy = int(v.frame_chunk), v.remat_policy
+    self.gather_once = bool(v.gather_once)
     self.patch_embed = PatchEmbed(v.patch_size, v.hidden_size, dtype=self.dtype, param_dtype=param_dtype,
                                   rngs=rngs)
     self.position_embedding = param(nnx.initializers.normal(0.02), rngs.params(),
@@ -171,7 +180,7 @@ class SiglipVisionTower(nnx.Module):
     @nnx.split_rngs(splits=v.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_LAYER_AXES)
     def make_layers(rngs):
-      return SiglipEncoderLayer(v, dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+      return SiglipEncoderLayer(v, rngs=rngs)
 
     self.layers = make_layers(rngs)
 
@@ -196,8 +205,8 @@ class SiglipVisionTower(nnx.Module):
     def layer(h, state):
       return nnx.merge(graphdef, state)(h), None
 
-    if self.remat:
-      layer = jax.checkpoint(layer, prevent_cse=False)
+    if self.remat_policy != "none":
+      layer = jax.checkpoint(layer, prevent_cse=False, policy=checkpoint_policy(self.remat_policy))
     x, _ = jax.lax.scan(layer, x, layer_state)
     return x
 
@@ -209,7 +218,8 @@ class SiglipVisionTower(nnx.Module):
   def encode_frames(self, pixels: jax.Array) -> jax.Array:
     """[B, F, S, S, 3] -> [B, F, grid_out², Dv], `vision.frame_chunk` frames per sample at a time.
 
-    Chunks run in a `lax.map` (one chunk compiled once), each under remat when `vision.remat`, so the
+    Chunks run in a `lax.map` (one chunk compiled once), each under remat unless `vision.remat_policy` is
+    "none" (the default "nothing_saveable"), so the
     backward pass keeps only chunk outputs plus one chunk's per-layer inputs. uint8 pixels are
     normalised chunk by chunk (`normalize_pixels`); float pixels must already lie in [-1, 1].
     """
@@ -228,8 +238,8 @@ class SiglipVisionTower(nnx.Module):
       tower = nnx.merge(graphdef, state)
       return tower(x.reshape(-1, s, s, 3)).reshape(x.shape[0], chunk, self.num_tokens, -1)
 
-    if self.remat:
-      run = jax.checkpoint(run)
+    if self.remat_policy != "none":
+      run = jax.checkpoint(run, policy=checkpoint_policy(self.remat_policy))
     loop = lambda st, c: jax.lax.map(lambda x: run(st, x), c)  # noqa: E731
     out = _weights_gathered_once(loop, state, chunks) if self.gather_once else loop(state, chunks)
     out = out.swapaxes(0, 1).reshape(b, n * chunk, self.num_tokens, -1)[:, :f]
