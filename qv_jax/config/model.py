@@ -137,7 +137,8 @@ def validate_vision(v) -> None:
           f"{v.remat_policy!r}; expected one of {REMAT_POLICIES}")
 
 
-def validate_compressor(c, vision) -> None:
+def validate_compressor(c, vision=None) -> None:
+  """Checks `model.compressor`; with `vision`, also that it matches the tower's width and grid."""
   f = "model.compressor"
   require(c.embed_dim > 0 and c.embed_dim % 8 == 0, f"{f}.embed_dim",
           f"D={c.embed_dim} must be a positive multiple of 8 (3D sincos split 2/8 | 3/8 | 3/8)")
@@ -146,10 +147,11 @@ def validate_compressor(c, vision) -> None:
           f"of 16")
   require(c.num_heads > 0 and c.embed_dim % c.num_heads == 0, f"{f}.num_heads",
           f"{c.num_heads} heads do not divide embed_dim D={c.embed_dim}")
-  require(c.vision_dim == vision.hidden_size, f"{f}.vision_dim",
-          f"{c.vision_dim} != model.vision.hidden_size {vision.hidden_size}")
-  require(c.grid_size == vision.grid_out, f"{f}.grid_size",
-          f"{c.grid_size} != model.vision.grid_out {vision.grid_out}")
+  if vision is not None:
+    require(c.vision_dim == vision.hidden_size, f"{f}.vision_dim",
+            f"{c.vision_dim} != model.vision.hidden_size {vision.hidden_size}")
+    require(c.grid_size == vision.grid_out, f"{f}.grid_size",
+            f"{c.grid_size} != model.vision.grid_out {vision.grid_out}")
   require((c.grid_size ** 2) % c.thumbnail_pool == 0, f"{f}.thumbnail_pool",
           f"{c.thumbnail_pool} does not divide the {c.grid_size ** 2} tokens of a frame")
   require(c.num_queries > 0, f"{f}.num_queries", f"must be positive, got {c.num_queries}")

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qv_jax.config.model import validate_compressor
 from qv_jax.config.typed import CompressorConfig, expect
 from qv_jax.layers import Dense
 from qv_jax.model import gumbel
@@ -106,6 +107,7 @@ class Compressor(nnx.Module):
 
   def __init__(self, config: CompressorConfig, *, rngs: nnx.Rngs):
     expect(config, CompressorConfig, type(self).__name__)
+    validate_compressor(config)
     s = config
     self.settings = s
     self.dtype = jnp.dtype(s.dtype)
