@@ -141,11 +141,8 @@ def run_one(config_spec: str, job: dict, cache_dir: str) -> dict:
       enable_compilation_cache(cache_dir)
     config = apply_overrides(load_config(config_spec), batch=job["batch"], frames=job["frames"],
                              remat=job["remat"], frame_chunk=job["frame_chunk"], pack=job.get("pack"),
-                             seq_len=job.get("seq_len"))
-    if job.get("gather_once"):
-      config.model.vision.gather_once = True
-    if job.get("param_dtype"):
-      config.model.param_dtype = job["param_dtype"]
+                             seq_len=job.get("seq_len"), gather_once=job.get("gather_once") or None,
+                             param_dtype=job.get("param_dtype") or None)
     target = load_target(job["topology"], job["num_slices"])
     if job.get("step", "train") != "train":
       from qv_jax.plan.infer_plan import plan_infer
