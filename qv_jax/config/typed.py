@@ -330,5 +330,15 @@ class Config(_Part):
                                         for name, fields in sections.items()})
 
 
-__all__ = ["Config", "CompressorConfig", "DataConfig", "DecoderConfig", "MeshConfig", "ModelConfig",
+__all__ = ["Config", "CompressorConfig", "DataConfig", "DecoderConfig", "MeshConfig", "ModelConfig", "decoder_config",
            "RopeScaling", "TrainConfig", "VisionConfig", "expect"]
+
+
+def decoder_config(size: str, *, dtype: str = "float32", param_dtype: str = "float32", **fields) -> DecoderConfig:
+  """The validated `model.decoder` of a model size or a `DECODER_EXTRA_SIZES` name, with these dtypes and
+  fields replaced (decoder-only benchmarks and tests)."""
+  from qv_jax.config.model import decoder_defaults, validate_decoder
+  d = dataclasses.replace(DecoderConfig.from_config_dict(decoder_defaults(size)), dtype=str(dtype),
+                          param_dtype=str(param_dtype), **fields)
+  validate_decoder(d)
+  return d
