@@ -100,7 +100,6 @@ def main(argv=None) -> None:
   config = get_config(f"size={args.size}")
   config.data.dataset_name = "synthetic"
   config.mesh.data = config.mesh.fsdp = config.mesh.tensor = 1
-  config.data.batch_size = args.batch
   config = validate(config)
   samples = demo_like_samples(config, args.samples, args.image_fraction, args.seed)
   d = config.data
@@ -111,6 +110,7 @@ def main(argv=None) -> None:
 
   collate = Collator(**common)
   before = [collate(samples[i:i + args.batch]) for i in range(0, len(samples) - args.batch + 1, args.batch)]
+  config = config.replace(data=dict(batch_size=args.batch))
   result_before = run(config, before, "one sample per row, padded to max_seq_len")
 
   buckets = tuple(int(b) for b in args.buckets.split(","))

@@ -1,6 +1,6 @@
 """The video compressor: cubing network + 3D resampler + thumbnail (SPEC §3-§4), as one NNX module.
 
-`Compressor(config.model, rngs=)(features [B, F, P, Dv], num_frames [B], key=, noise_weight=)` returns a
+`Compressor(config.model.compressor, rngs=)(features [B, F, P, Dv], num_frames [B], key=, noise_weight=)` returns a
 `CompressorOutput` with static shapes for the bucket F: Kmax = max_cubes(F) cube slots, of which the
 first k_b + 1 are real. Param tree (paths under `compressor/` in the whole model):
 
