@@ -12,6 +12,7 @@ from flax import nnx
 from torch import nn
 
 from configs.quicksviewer import get_config
+from qv_jax.config import validate
 from qv_jax.convert.compressor_map import COMPRESSOR_TABLE, convert_compressor
 from qv_jax.convert.mapping import MappingError, load_into
 from qv_jax.model.compressor import Compressor
@@ -105,7 +106,7 @@ def test_converted_weights_reproduce_reference(reference, impl):
   config.model.compressor.resampler_impl = impl
   c = config.model.compressor
   tensors = {f"model.{k}": v.detach().numpy() for k, v in ref.state_dict().items()}
-  model = Compressor(config.model, rngs=nnx.Rngs(1))
+  model = Compressor(validate(config).model.compressor, rngs=nnx.Rngs(1))
   load_into(model, convert_compressor(tensors, config.model))
 
   frames, p = 16, c.grid_size ** 2
@@ -132,7 +133,7 @@ def test_encode_images_matches_reference_at_t0(reference):
   config, ref = reference
   c = config.model.compressor
   tensors = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-  model = Compressor(config.model, rngs=nnx.Rngs(1))
+  model = Compressor(validate(config).model.compressor, rngs=nnx.Rngs(1))
   load_into(model, convert_compressor(tensors))            # dims inferred from the tensors
   imgs = np.random.default_rng(1).normal(size=(2, 3, c.grid_size ** 2, c.vision_dim)).astype(np.float32)
   out = np.asarray(model.encode_images(jnp.asarray(imgs)))
