@@ -90,8 +90,8 @@ def test_parity_with_transformers_through_the_converter(hf_siglip):
   assert (v.hidden_size, v.num_layers, v.num_heads, v.layer_norm_eps) == (
       hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.num_attention_heads,
       hf_config.layer_norm_eps)
-  config.model.compute_dtype = "float32"
-  tower = SiglipVisionTower(validate(config).model.vision, rngs=nnx.Rngs(0))
+  config = config.replace(model=dict(compute_dtype="float32"))
+  tower = SiglipVisionTower(config.model.vision, rngs=nnx.Rngs(0))
   _, params = load_converted(out, nnx.state(tower), part="vision_tower", strict=True)
   nnx.update(tower, params)
 
@@ -236,9 +236,9 @@ def test_bad_pixel_shapes_name_the_expected_shape(shape, method):
 def test_converted_params_restore_into_a_sharded_tower(hf_siglip):
   _, _, out = hf_siglip
   config, host = load_converted(out, part="vision_tower")
-  config.mesh.update(data=2, fsdp=2, tensor=2)
+  config = config.replace(mesh=dict(data=2, fsdp=2, tensor=2))
   mesh = sharding.make_mesh(config.mesh)
-  tower = sharding.create_sharded(lambda: SiglipVisionTower(validate(config).model.vision, rngs=nnx.Rngs(0)), mesh)
+  tower = sharding.create_sharded(lambda: SiglipVisionTower(config.model.vision, rngs=nnx.Rngs(0)), mesh)
   target = nnx.state(tower)
   _, params = load_converted(out, target, part="vision_tower", strict=True)
   got = params["layers"]["mlp"]["fc1"]["kernel"]
