@@ -122,6 +122,7 @@ def test_round_trip_of_every_preset(size, stage):
   cd = get_config(f"size={size},stage={stage}")
   typed = Config.from_config_dict(cd)
   assert typed.to_dict() == cd.to_dict()
+  assert typed.to_json(indent=2) == cd.to_json_best_effort(indent=2)     # config.json keeps its format
   assert validate(cd) == typed
   assert Config.from_config_dict(json.loads(typed.to_json())) == typed
   assert validate(typed) is typed

@@ -101,7 +101,7 @@ def expect(config, cls: type, module: str) -> None:
                     f"got {type(config).__name__}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class VisionConfig(_Part):
   """`model.vision`: SigLIP tower sizes and execution knobs."""
   _path = "model.vision"
@@ -128,7 +128,7 @@ class VisionConfig(_Part):
       values["remat_policy"] = "nothing_saveable" if remat else "none"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CompressorConfig(_Part):
   """`model.compressor`: cubing network, resampler, thumbnail and the kind-specific fields."""
   _path = "model.compressor"
@@ -165,7 +165,7 @@ class CompressorConfig(_Part):
     return self.grid_size * self.grid_size
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling(_Part):
   """`model.decoder.rope_scaling` (Llama 3.x)."""
   _path = "model.decoder.rope_scaling"
@@ -176,7 +176,7 @@ class RopeScaling(_Part):
   original_max_position_embeddings: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderConfig(_Part):
   """`model.decoder`: Qwen2 / Llama 3.x sizes and execution knobs."""
   _path = "model.decoder"
@@ -205,7 +205,7 @@ class DecoderConfig(_Part):
     return dataclasses.replace(self, dtype=str(dtype), param_dtype=str(param_dtype))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig(_Part):
   """`model`: the size name, dtypes and the three parts (whose derived fields it sets)."""
   _path = "model"
@@ -224,13 +224,14 @@ class ModelConfig(_Part):
         self.compressor, decoder_layers=int(self.decoder.num_layers), **dt))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig(_Part):
   """`data`: sampling, template, static shapes and the loader (qv_jax/config/data.py)."""
   _path = "data"
   dataset_dir: str
   dataset_name: str
   split: str
+  tokenizer_path: str = ""
   template: str
   fps: float
   max_frames: int
@@ -240,22 +241,21 @@ class DataConfig(_Part):
   max_images: int
   max_text_len: int
   max_seq_len: int
+  seq_buckets: tuple = ()
+  pack_samples: int = 1
   batch_size: int
   num_workers: int
   prefetch: int
+  read_threads: int = 2
+  read_buffer: int = 4
   decode_threads: int
   decode_strategy: str
   min_frames: int
   shuffle_seed: int
   drop_remainder: bool
-  tokenizer_path: str = ""
-  seq_buckets: tuple = ()
-  pack_samples: int = 1
-  read_threads: int = 2
-  read_buffer: int = 4
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig(_Part):
   """`mesh`: axis sizes (one may be -1)."""
   _path = "mesh"
@@ -265,7 +265,7 @@ class MeshConfig(_Part):
   tensor: int = 1
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig(_Part):
   """`train`: stage, optimiser, schedules, checkpoints and metrics (qv_jax/config/train.py)."""
   _path = "train"
@@ -288,33 +288,33 @@ class TrainConfig(_Part):
   trainable_override: tuple
   encode_images: bool
   ce_chunk: int
+  score_rollouts: int = 0
+  score_ce_tolerance: float = 0.05
+  score_curriculum: str = "videos"
+  score_repeat: int = 4
   seed: int
   compilation_cache_dir: str
   workdir: str
   init_from: str
   checkpoint_every: int
   keep_checkpoints: int
+  allow_config_change: tuple = ()
   async_checkpointing: bool
   stop_at: int
   log_every: int
   tensorboard: bool
   progress_bar: bool
-  score_rollouts: int = 0
-  score_ce_tolerance: float = 0.05
-  score_curriculum: str = "videos"
-  score_repeat: int = 4
-  allow_config_change: tuple = ()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Config(_Part):
   """The whole validated config."""
   _path = "config"
   model: ModelConfig
   data: DataConfig
   mesh: MeshConfig
-  train: TrainConfig
   sharding_rules: tuple = ()
+  train: TrainConfig
 
   @classmethod
   def from_config_dict(cls, raw, path: str = ""):
