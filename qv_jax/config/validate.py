@@ -10,8 +10,9 @@ from qv_jax.config.typed import Config
 
 
 def validate(config, parts=MODEL_PARTS) -> Config:
-  """A ConfigDict or the dict of a config.json (or a `Config`, re-checked) -> the typed `Config`; raises `ConfigError` naming the first
-  bad field. parts: the model parts to check (a conversion checks only the parts it converts)."""
+  """A ConfigDict or the dict of a config.json (or a `Config`, re-checked) -> the typed `Config`; raises
+  `ConfigError` naming the first bad field. parts: the model parts to check (a conversion checks only the
+  parts it converts)."""
   from qv_jax.parallel.context import check_config as check_context   # (it imports this package)
   if not isinstance(config, Config):
     for section in ("model", "data", "mesh", "train"):

@@ -20,6 +20,7 @@ from qv_jax.model.decoder import unstack_layer_state
 from qv_jax.model.quicksviewer import Quicksviewer
 from qv_jax.sharding import axis_rules, make_mesh, state_shardings
 from qv_jax.train import checkpoint as ckpt
+from qv_jax.train.state import model_factory
 
 
 class CheckpointLoadError(ValueError):
@@ -108,7 +109,7 @@ def default_mesh(config, devices=None) -> Mesh:
   when the device reports it), else the params over `fsdp` (and the batch over both)."""
   devices = list(devices or jax.local_devices())
   n = len(devices)
-  abstract = nnx.state(nnx.eval_shape(lambda: Quicksviewer(config.model, max_seq_len=config.data.max_seq_len, rngs=nnx.Rngs(0))))
+  abstract = nnx.state(nnx.eval_shape(model_factory(config)))
   param_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract))
   stats = devices[0].memory_stats() or {}
   limit = stats.get("bytes_limit")
@@ -153,7 +154,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None
                               f"decoder's vocab_size is {config.model.decoder.vocab_size}")
   step = None
   with jax.set_mesh(mesh), axis_rules(rules):
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Quicksviewer(config.model, max_seq_len=config.data.max_seq_len, rngs=nnx.Rngs(0))))
+    graphdef, abstract = nnx.split(nnx.eval_shape(model_factory(config)))
     shardings = state_shardings(abstract, mesh, rules)
     from qv_jax.train.state import abstract_like
     target = abstract_like(nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))

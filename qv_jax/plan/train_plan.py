@@ -170,7 +170,8 @@ def plan_train(config, target: Target, mesh_shape) -> dict:
               batch=int(d.batch_size), frames=int(max(d.frame_buckets)), max_seq_len=int(d.max_seq_len),
               seq_len=seq_len, pack_samples=int(d.pack_samples) if is_packed(info["batch"]) else 0,
               remat=config.model.vision.remat_policy != "none", remat_policy=config.model.vision.remat_policy,
-              frame_chunk=int(config.model.vision.frame_chunk), gather_once=bool(config.model.vision.gather_once), grad_accum=int(config.train.grad_accum), compile_s=sum(phases.values()), compile_phases_s=phases)
+              frame_chunk=int(config.model.vision.frame_chunk), gather_once=bool(config.model.vision.gather_once),
+              grad_accum=int(config.train.grad_accum), compile_s=sum(phases.values()), compile_phases_s=phases)
 
 
 def plan_error(e: Exception) -> str:
