@@ -22,7 +22,7 @@ HARMLESS = frozenset({
     "train.workdir", "train.init_from", "train.compilation_cache_dir", "train.checkpoint_every",
     "train.keep_checkpoints", "train.async_checkpointing", "train.stop_at", "train.log_every",
     "train.tensorboard", "train.progress_bar", "train.allow_config_change", "train.ce_chunk",
-    "model.vision.frame_chunk", "model.vision.remat", "model.vision.remat_policy", "model.compressor.resampler_impl",
+    "model.vision.frame_chunk", "model.vision.remat_policy", "model.compressor.resampler_impl",
     "model.compressor.token_chunk", "model.compressor.save_scores", "model.decoder.remat_policy",
     "model.decoder.attention_impl", "model.decoder.attention_chunk", "model.decoder.context_attention",
     "data.num_workers", "data.prefetch", "data.read_threads", "data.read_buffer", "data.decode_threads",
