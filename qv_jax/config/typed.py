@@ -1,12 +1,12 @@
 """Frozen, typed configs: what `validate(config)` returns and what every module takes.
 
-`Config(model, data, mesh, train, sharding_rules)` mirrors the ConfigDict of `get_config` field for field
+`Config(model, data, mesh, sharding_rules, train)` mirrors the ConfigDict of `get_config` field for field
 (sequences as tuples, `rope_scaling` as `RopeScaling`), so `Config.from_config_dict(cd).to_dict() ==
 cd.to_dict()` and a checkpoint's `config.json` keeps its format. Parts: `ModelConfig.vision`
 (`SiglipVisionTower`), `.compressor` (the compressor kinds), `.decoder` (`Decoder`); each also carries the
 model's `dtype` / `param_dtype` (dtype names) and, for the compressor, the decoder's `decoder_layers`:
 derived fields, set by `ModelConfig` and never written by `to_dict`. Change a validated config with
-`dataclasses.replace` (`ModelConfig` re-derives its parts' dtypes).
+`dataclasses.replace` or `Config.replace(data=dict(...))` (`ModelConfig` re-derives its parts' dtypes).
 """
 
 from __future__ import annotations
