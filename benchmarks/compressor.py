@@ -25,6 +25,7 @@ from flax import nnx  # noqa: E402
 from benchmarks.common import (CompileCounter, device_info, emit, flops, matmul_peak,  # noqa: E402
                                memory, time_call)
 from configs.quicksviewer import get_config  # noqa: E402
+from qv_jax.config import validate  # noqa: E402
 from qv_jax.model.compressor import Compressor, max_cubes  # noqa: E402
 from qv_jax.model.resampler_fast import fast_flops  # noqa: E402
 
@@ -48,7 +49,8 @@ def build(size: str, dtype: str, impl: str, token_chunk: int | None, save_scores
   if token_chunk:
     config.model.compressor.token_chunk = token_chunk
   config.model.compressor.save_scores = save_scores
-  module = Compressor(config.model, rngs=nnx.Rngs(0))
+  config = validate(config)
+  module = Compressor(config.model.compressor, rngs=nnx.Rngs(0))
   return config, module
 
 

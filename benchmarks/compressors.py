@@ -36,6 +36,7 @@ def _settings(c, frames: int) -> dict:
 
 def run(size: str, frames: int, repeats: int):
   from configs.quicksviewer import get_config
+  from qv_jax.config import validate
   from qv_jax.model.quicksviewer import Quicksviewer
   from qv_jax.train.flops import matmul_flops
   from qv_jax.train.synthetic_batches import SyntheticBatches
@@ -51,7 +52,8 @@ def run(size: str, frames: int, repeats: int):
     for k, v in extra.items():
       c.model.compressor[k] = v
     c.data.max_seq_len = base.data.max_text_len + budget
-    model = Quicksviewer(c, rngs=nnx.Rngs(params=0))
+    c = validate(c)
+    model = Quicksviewer(c.model, max_seq_len=c.data.max_seq_len, rngs=nnx.Rngs(params=0))
     batch = {k: jnp.asarray(v) for k, v in next(SyntheticBatches(c, seed=7, num_frames=frames)).items()}
     features = nnx.jit(lambda m, f: m.frame_features(f))(model, batch["frames"])
     prep = nnx.jit(lambda m, b, f: m.prepare_inputs(b, key=None, noise_weight=0.0, encode_images=False,

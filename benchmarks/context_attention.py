@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from benchmarks.common import emit  # noqa: E402
 from qv_jax.config.mesh import LOGICAL_AXIS_RULES  # noqa: E402
-from qv_jax.config.model import decoder_defaults  # noqa: E402
+from qv_jax.config.typed import decoder_config  # noqa: E402
 from qv_jax.model.attention import Attention  # noqa: E402
 from qv_jax.model.rope import inv_frequencies, rope_tables  # noqa: E402
 from qv_jax.parallel.ring_attention import from_zigzag, to_zigzag  # noqa: E402
@@ -45,10 +45,8 @@ SEQ = HIDDEN_AXES
 
 def layer_step(mode: str, length: int):
   """(step(params, x, dy) -> (d params, dx), abstract params) for one attention layer."""
-  cfg = decoder_defaults("qwen2_7b")
-  cfg.context_attention = mode
-  abstract = nnx.eval_shape(lambda: Attention(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                                              rngs=nnx.Rngs(0)))
+  cfg = decoder_config("qwen2_7b", dtype="bfloat16", context_attention=mode)
+  abstract = nnx.eval_shape(lambda: Attention(cfg, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract)
   policy = None if cfg.remat_policy == "none" else getattr(jax.checkpoint_policies, cfg.remat_policy)
 
@@ -76,7 +74,7 @@ def measure(chip: str, context: int, length: int, mode: str) -> dict:
   topology = f"{chip}:{GRIDS[chip][context]}"
   target = load_target(topology)
   mesh = target_mesh(target, (1, 1, context, 1))
-  hidden = decoder_defaults("qwen2_7b").hidden_size
+  hidden = decoder_config("qwen2_7b").hidden_size
   seq = jax.ShapeDtypeStruct((1, length, hidden), jnp.bfloat16,
                              sharding=NamedSharding(mesh, P(None, "context", None)))
   step, params = relayout_step(length) if mode == "relayout" else layer_step(mode, length)

@@ -20,23 +20,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.common import CompileCounter, device_info, emit, flops, matmul_peak, memory, time_call  # noqa
-from qv_jax.config.model import decoder_defaults, validate_decoder  # noqa: E402
+from qv_jax.config.typed import decoder_config  # noqa: E402
 from qv_jax.model.decoder import Decoder  # noqa: E402
 from qv_jax.model.generate import generate  # noqa: E402
 
 
 def build(size: str, dtype: str):
-  model_config = ml_collections.ConfigDict(dict(decoder=decoder_defaults(size), compute_dtype=dtype,
-                                                param_dtype="float32"))
-  validate_decoder(model_config.decoder)
-  abstract = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0)))
+  cfg = decoder_config(size, dtype=dtype)
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(abstract)
-  state = jax.jit(lambda: nnx.split(Decoder(model_config, rngs=nnx.Rngs(0)))[1])()
-  return model_config.decoder, graphdef, state
+  state = jax.jit(lambda: nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))[1])()
+  return cfg, graphdef, state
 
 
 def param_counts(cfg) -> tuple[int, int]:

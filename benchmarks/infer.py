@@ -84,7 +84,6 @@ def bench_batch(tmp, size, n, new_tokens):
 
 
 def _hf_and_ours(size_args):
-  import ml_collections
   import torch
   import transformers
   from flax import nnx
@@ -101,15 +100,14 @@ def _hf_and_ours(size_args):
         p.copy_(1.0 + 0.2 * torch.randn_like(p))
       elif p.ndim == 1:
         p.copy_(0.02 * torch.randn_like(p))
-  model_config = ml_collections.ConfigDict(dict(decoder=decoder_config_from_hf(cfg.to_dict()),
-                                                compute_dtype="float32", param_dtype="float32"))
+  model_config = decoder_config_from_hf(cfg.to_dict())
   arrays = convert_decoder({k: v.detach().numpy() for k, v in hf.state_dict().items()}, model_config)
   abstract = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
   flat = {"/".join(map(str, k)): v for k, v in _flat(pure)}
   nnx.replace_by_pure_dict(state, nest({k: jnp.asarray(arrays.pop(k)) for k in list(flat)}))
-  return hf, nnx.merge(graphdef, state), model_config.decoder
+  return hf, nnx.merge(graphdef, state), model_config
 
 
 def _flat(tree, prefix=()):

@@ -25,6 +25,7 @@ import absl.flags  # noqa: E402
 absl.flags.FLAGS.mark_as_parsed()
 
 from configs.quicksviewer import get_config  # noqa: E402
+from qv_jax.config import validate  # noqa: E402
 from data_pipeline import loader, tfds_builder  # noqa: E402
 from data_pipeline.tokenizer import build_tiny_tokenizer  # noqa: E402
 from data_pipeline.video import read_video  # noqa: E402
@@ -75,7 +76,7 @@ def prepare(args) -> tuple[str, str, list[str]]:
 
 
 def run_loader(config, workers: int, batches: int) -> dict:
-  config.data.num_workers = workers
+  config = config.replace(data=dict(num_workers=workers))
   start = time.perf_counter()
   it = iter(loader.make_dataset(config, seed=0))
   try:
@@ -123,6 +124,7 @@ def main(argv=None) -> None:
   d.image_size, d.max_frames, d.batch_size = args.image_size, args.max_frames, args.batch_size
   d.frame_buckets = (max(args.max_frames, 2),)
   config.model.vision.image_size = args.image_size
+  config = validate(config)
 
   t0 = time.perf_counter()
   clip_frames = 0

@@ -29,7 +29,7 @@ from data_pipeline.collate import Collator  # noqa: E402
 from data_pipeline.packing import PackedCollator, PackingBatch  # noqa: E402
 from data_pipeline.seq_buckets import bound_settings, merged_length_bound  # noqa: E402
 from qv_jax.batch import IGNORE_INDEX  # noqa: E402
-from qv_jax.config import get_config  # noqa: E402
+from qv_jax.config import get_config, validate  # noqa: E402
 from qv_jax.sharding import axis_rules, make_mesh  # noqa: E402
 from qv_jax.train.loop import to_global  # noqa: E402
 from qv_jax.train.state import create_train_state  # noqa: E402
@@ -100,6 +100,7 @@ def main(argv=None) -> None:
   config = get_config(f"size={args.size}")
   config.data.dataset_name = "synthetic"
   config.mesh.data = config.mesh.fsdp = config.mesh.tensor = 1
+  config = validate(config)
   samples = demo_like_samples(config, args.samples, args.image_fraction, args.seed)
   d = config.data
   too_long = [x["sample_id"] for x in samples if x["merged_bound"] > d.max_seq_len]
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
 
   collate = Collator(**common)
   before = [collate(samples[i:i + args.batch]) for i in range(0, len(samples) - args.batch + 1, args.batch)]
-  config.data.batch_size = args.batch
+  config = config.replace(data=dict(batch_size=args.batch))
   result_before = run(config, before, "one sample per row, padded to max_seq_len")
 
   buckets = tuple(int(b) for b in args.buckets.split(","))
@@ -117,6 +118,7 @@ def main(argv=None) -> None:
   packed_config.data.dataset_name = "synthetic"
   packed_config.mesh.data = packed_config.mesh.fsdp = packed_config.mesh.tensor = 1
   packed_config.data.update(seq_buckets=buckets, pack_samples=args.slots, batch_size=args.rows)
+  packed_config = validate(packed_config)
   stream = grain.MapDataset.source(samples).to_iter_dataset()
   packer = PackingBatch(stream, batch_size=args.rows, drop_remainder=True,
                         collator=PackedCollator(**common, seq_buckets=buckets, slots=args.slots))

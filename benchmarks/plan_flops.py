@@ -39,10 +39,10 @@ DEFAULT = "pad:64:420:16384,pack1:64:420:7168,pack1:64:420:6144,pack4:64:5:2048"
 def count(size: str, topology: str, mesh_shape, name: str, rows: int, frames: int, seq_len: int) -> dict:
   config = load_config(f"configs/quicksviewer.py:size={size},stage=3")
   pack = None if name == "pad" else int(name[len("pack"):])
-  apply_overrides(config, batch=rows, frames=frames, pack=pack, seq_len=seq_len)
+  config = apply_overrides(config, batch=rows, frames=frames, pack=pack, seq_len=seq_len)
   target = load_target(topology)
   mesh = target_mesh(target, mesh_shape)
-  apply_overrides(config, mesh_shape=tuple(mesh.shape.values()))
+  config = apply_overrides(config, mesh_shape=tuple(mesh.shape.values()))
   t0 = time.perf_counter()
   abstract, spec = train_state_spec(config, mesh, config.sharding_rules)
   batch = abstract_batch(config, mesh)

@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import CompileCounter, device_info, emit, flops, matmul_peak, memory, time_call  # noqa: E402
-from qv_jax.config import get_config  # noqa: E402
+from qv_jax.config import get_config, validate  # noqa: E402
 from qv_jax.sharding import axis_rules, make_mesh  # noqa: E402
 from qv_jax.train.flops import matmul_flops  # noqa: E402
 from qv_jax.train.loop import to_global  # noqa: E402
@@ -47,6 +47,7 @@ def bench(size: str, *, stage: int, batch: int | None, frames: int | None, steps
   if seq_len:
     c.data.max_seq_len = seq_len
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_sizes
+  c = validate(c)
   mesh = make_mesh(c.mesh)
   data = SyntheticBatches(c, seed=0)
   with jax.set_mesh(mesh), axis_rules(c.sharding_rules):

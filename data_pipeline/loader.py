@@ -342,8 +342,7 @@ def make_dataset(config, *, split: str = "train", process_index: int = 0, proces
 
   ds = record_order(records, seed=seed, process_index=process_index, process_count=process_count,
                     num_epochs=num_epochs, shuffle=shuffle).map(SampleProcessor(source, settings))
-  read_options = grain.ReadOptions(num_threads=int(d.get("read_threads", 2)),
-                                   prefetch_buffer_size=int(d.get("read_buffer", 4)))
+  read_options = grain.ReadOptions(num_threads=int(d.read_threads), prefetch_buffer_size=int(d.read_buffer))
   batches = batching(
       ds.to_iter_dataset(read_options), batch_size=batch_size, collator=collator,
       drop_remainder=bool(d.drop_remainder), where=context.strip(),

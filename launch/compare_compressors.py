@@ -149,9 +149,12 @@ def as_converted(workdir: str, config, out_dir: str) -> str:
   import jax
   from flax import nnx
   from qv_jax.convert.writer import ParamWriter, flatten, write_metadata
+  from qv_jax.config import validate
   from qv_jax.model.quicksviewer import Quicksviewer
   from qv_jax.train import checkpoint as ckpt
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Quicksviewer(config, rngs=nnx.Rngs(0)))))
+  config = validate(config)
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+      lambda: Quicksviewer(config.model, max_seq_len=config.data.max_seq_len, rngs=nnx.Rngs(0)))))
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), abstract)
   params = ckpt.load_params(workdir, target, config.model.size)
@@ -198,14 +201,16 @@ def train_kind(args, kind: str, out: str, tfds_dir: str, tokenizer: str) -> tupl
 def at_budget(model, knob: dict):
   """The loaded model with compressor fields replaced (same params, a new graph): the budget is an
   inference-time setting."""
-  import copy
   import dataclasses
   from flax import nnx
+  from qv_jax.config import validate
   from qv_jax.model.quicksviewer import Quicksviewer
-  config = copy.deepcopy(model.config)
-  config.model.compressor.update(knob)
+  m = model.config.model
+  config = validate(dataclasses.replace(model.config, model=dataclasses.replace(
+      m, compressor=dataclasses.replace(m.compressor, **knob))))
   with model.context():
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Quicksviewer(config, rngs=nnx.Rngs(0))))
+    graphdef, _ = nnx.split(nnx.eval_shape(
+        lambda: Quicksviewer(config.model, max_seq_len=config.data.max_seq_len, rngs=nnx.Rngs(0))))
   return dataclasses.replace(model, config=config, graphdef=graphdef)
 
 

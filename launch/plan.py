@@ -42,12 +42,16 @@ def load_config(spec: str):
   return runpy.run_path(path)["get_config"](arg or None)
 
 
-def _bool(s: str) -> bool:
+def _bool(s: str) -> bool | str:
+  """true / false, or a tower remat policy name (`REMAT_POLICIES`)."""
+  from qv_jax.config.model import REMAT_POLICIES
+  if s.lower() in REMAT_POLICIES:
+    return s.lower()
   if s.lower() in ("1", "true", "yes"):
     return True
   if s.lower() in ("0", "false", "no"):
     return False
-  raise ConfigError("--remat", f"{s!r}; expected true or false")
+  raise ConfigError("--remat", f"{s!r}; expected true, false or one of {REMAT_POLICIES}")
 
 
 def _ints(s: str, field: str) -> tuple[int, ...]:
@@ -65,7 +69,8 @@ def parse_args(argv=None):
   p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor or data,fsdp,context,tensor (one may be -1) or 'auto'")
   p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
   p.add_argument("--frames", type=int, default=None, help="frames per video (default: the config's bucket)")
-  p.add_argument("--remat", default=None, help="vision remat true|false (default: the config's)")
+  p.add_argument("--remat", default=None, help="vision remat true|false or a policy "
+                 "(model.vision.remat_policy; default: the config's)")
   p.add_argument("--frame-chunk", type=int, default=None, help="vision frame_chunk (default: the config's)")
   p.add_argument("--gather-once", action="store_true",
                  help="model.vision.gather_once: FSDP vision weights gathered once per step (docs/planner.md)")
@@ -141,11 +146,8 @@ def run_one(config_spec: str, job: dict, cache_dir: str) -> dict:
       enable_compilation_cache(cache_dir)
     config = apply_overrides(load_config(config_spec), batch=job["batch"], frames=job["frames"],
                              remat=job["remat"], frame_chunk=job["frame_chunk"], pack=job.get("pack"),
-                             seq_len=job.get("seq_len"))
-    if job.get("gather_once"):
-      config.model.vision.gather_once = True
-    if job.get("param_dtype"):
-      config.model.param_dtype = job["param_dtype"]
+                             seq_len=job.get("seq_len"), gather_once=job.get("gather_once") or None,
+                             param_dtype=job.get("param_dtype") or None)
     target = load_target(job["topology"], job["num_slices"])
     if job.get("step", "train") != "train":
       from qv_jax.plan.infer_plan import plan_infer

@@ -71,7 +71,7 @@ def batch_keys(batch) -> tuple[str, ...]:
 
 def packed_layout(data_config) -> bool:
   """True when batches use the packed layout of qv_jax/batch.py (sequence buckets or packed rows are on)."""
-  return bool(tuple(data_config.get("seq_buckets", ()))) or int(data_config.get("pack_samples", 1)) > 1
+  return bool(tuple(data_config.seq_buckets)) or int(data_config.pack_samples) > 1
 
 
 def sequence_buckets(data_config) -> tuple[int, ...]:

@@ -137,10 +137,11 @@ def logical_to_pspec(axes: Axes | None, rules: Rules | None = None, mesh=None,
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, context, tensor) mesh from the config's axis sizes (a missing `context` is 1); one
-  size may be -1 (the rest)."""
+  """A (data, fsdp, context, tensor) mesh from the axis sizes of a `MeshConfig` or a dict (a missing axis
+  is 1); one size may be -1 (the rest)."""
   devices = list(devices if devices is not None else jax.devices())
-  sizes = {a: int(mesh_config[a]) if a in mesh_config else 1 for a in MESH_AXES}
+  sizes = dict(mesh_config.to_dict() if hasattr(mesh_config, "to_dict") else mesh_config)
+  sizes = {a: int(sizes[a]) if a in sizes else 1 for a in MESH_AXES}
   known = math.prod(s for s in sizes.values() if s != -1)
   if any(s == -1 for s in sizes.values()):
     if len(devices) % known:

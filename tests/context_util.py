@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from configs.quicksviewer import get_config
+from qv_jax.config import validate
 from qv_jax.batch import MODALITY_VIDEO
 from qv_jax.model.quicksviewer import Quicksviewer
 from qv_jax.sharding import axis_rules, make_mesh, state_shardings
@@ -44,7 +45,8 @@ def long_video_batch(config, num_frames: int, seed: int = 0) -> dict:
 
 
 def make_model(config):
-  return Quicksviewer(config, rngs=nnx.Rngs(0))
+  config = validate(config)
+  return Quicksviewer(config.model, max_seq_len=config.data.max_seq_len, rngs=nnx.Rngs(0))
 
 
 def loss_fn(model, batch, key, eta, ce_chunk=64):

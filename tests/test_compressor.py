@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from configs.quicksviewer import get_config
+from qv_jax.config import validate
 from qv_jax import sharding
 from qv_jax.config import ConfigError
 from qv_jax.model.compressor import Compressor, check_inputs
@@ -33,7 +34,7 @@ def feats(batch=2, frames=16, seed=0):
 def test_output_contract(dtype):
   config = tiny()
   config.model.compute_dtype = dtype
-  model = Compressor(config.model, rngs=nnx.Rngs(0))
+  model = Compressor(validate(config).model.compressor, rngs=nnx.Rngs(0))
   out = model(feats().astype(jnp.bfloat16), jnp.asarray([16, 7], jnp.int32), key=jax.random.key(0),
               noise_weight=1.0, sample_ids=jnp.asarray([10, 11], jnp.int32))
   want = {"thumbnail": ((2, 4, 64), dtype), "cube_tokens": ((2, 3, 4, 64), dtype),
@@ -62,7 +63,7 @@ def step_fn(graphdef):
 @pytest.mark.parametrize("impl", ["fast", pytest.param("plain", marks=pytest.mark.slow)])
 def test_sharded_step_equals_single_device(impl):
   config = tiny(resampler_impl=impl, token_chunk=36 * 5)           # several frame chunks
-  factory = lambda: Compressor(config.model, rngs=nnx.Rngs(0))
+  factory = lambda: Compressor(validate(config).model.compressor, rngs=nnx.Rngs(0))
   single = factory()
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sharded = sharding.create_sharded(factory, mesh)
@@ -112,7 +113,7 @@ def test_check_inputs_names_the_problem():
 
 
 def test_eager_call_checks_and_static_errors_come_before_compiling():
-  model = Compressor(tiny().model, rngs=nnx.Rngs(0))
+  model = Compressor(validate(tiny()).model.compressor, rngs=nnx.Rngs(0))
   x = feats(2, 8)
   with pytest.raises(ValueError, match=r"num_frames\[0\] = 9: more frames than the bucket F = 8"):
     model(x, jnp.asarray([9, 3], jnp.int32), key=None)
@@ -142,5 +143,5 @@ def test_eager_call_checks_and_static_errors_come_before_compiling():
 ])
 def test_bad_config_raises_before_building(field, value, needle):
   with pytest.raises(ConfigError, match=needle) as err:
-    Compressor(tiny(**{field: value}).model, rngs=nnx.Rngs(0))
+    Compressor(validate(tiny(**{field: value})).model.compressor, rngs=nnx.Rngs(0))
   assert err.value.field == f"model.compressor.{field}"

@@ -12,6 +12,7 @@ from flax import nnx
 from torch import nn
 
 from configs.quicksviewer import get_config
+from qv_jax.config import validate
 from qv_jax.convert.compressor_map import COMPRESSOR_TABLE, convert_compressor
 from qv_jax.convert.mapping import MappingError, load_into
 from qv_jax.model.compressor import Compressor
@@ -105,8 +106,8 @@ def test_converted_weights_reproduce_reference(reference, impl):
   config.model.compressor.resampler_impl = impl
   c = config.model.compressor
   tensors = {f"model.{k}": v.detach().numpy() for k, v in ref.state_dict().items()}
-  model = Compressor(config.model, rngs=nnx.Rngs(1))
-  load_into(model, convert_compressor(tensors, config.model))
+  model = Compressor(validate(config).model.compressor, rngs=nnx.Rngs(1))
+  load_into(model, convert_compressor(tensors, validate(config).model))
 
   frames, p = 16, c.grid_size ** 2
   rng = np.random.default_rng(0)
@@ -132,7 +133,7 @@ def test_encode_images_matches_reference_at_t0(reference):
   config, ref = reference
   c = config.model.compressor
   tensors = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-  model = Compressor(config.model, rngs=nnx.Rngs(1))
+  model = Compressor(validate(config).model.compressor, rngs=nnx.Rngs(1))
   load_into(model, convert_compressor(tensors))            # dims inferred from the tensors
   imgs = np.random.default_rng(1).normal(size=(2, 3, c.grid_size ** 2, c.vision_dim)).astype(np.float32)
   out = np.asarray(model.encode_images(jnp.asarray(imgs)))
@@ -148,15 +149,15 @@ def test_mapping_errors_list_names_and_shapes(reference):
   missing = dict(tensors)
   del missing["cubing.proj_fn.3.bias"]
   with pytest.raises(MappingError, match=r"cubing/fc2/bias: \(2,\)"):
-    convert_compressor(missing, config.model)
+    convert_compressor(missing, validate(config).model)
   extra = dict(tensors, **{"vision_resampler.extra.weight": np.zeros(3)})
   with pytest.raises(MappingError, match=r"vision_resampler\.extra\.weight"):
-    convert_compressor(extra, config.model)
+    convert_compressor(extra, validate(config).model)
   bad = dict(tensors)
   bad["vision_resampler.proj"] = np.zeros((64, 32), np.float32)
   with pytest.raises(MappingError, match=r"resampler/proj: got \(64, 32\), expected \(64, 64\)"):
-    convert_compressor(bad, config.model)
+    convert_compressor(bad, validate(config).model)
   # the non-persistent sincos buffer is ignored if present
   table = dict(tensors, **{"vision_resampler.pos_embed": np.zeros((2, 6, 6, 64), np.float32)})
-  assert len(convert_compressor(table, config.model)) == 27
+  assert len(convert_compressor(table, validate(config).model)) == 27
   assert math.isfinite(float(np.sum(convert_compressor(tensors)["resampler/q_proj/kernel"])))

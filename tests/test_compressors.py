@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from qv_jax.batch import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from qv_jax.config import validate
 from qv_jax.config.errors import ConfigError
 from qv_jax.config.model import validate_model
 from qv_jax.model.compressor import Compressor
@@ -29,8 +30,8 @@ def _config(kind, **compressor):
 
 
 def _model_and_batch(kind, seed=1, **compressor):
-  c = _config(kind, **compressor)
-  model = Quicksviewer(c, rngs=nnx.Rngs(params=0))
+  c = validate(_config(kind, **compressor))
+  model = Quicksviewer(c.model, max_seq_len=c.data.max_seq_len, rngs=nnx.Rngs(params=0))
   batch = {k: jnp.asarray(v) for k, v in next(SyntheticBatches(c, seed=seed)).items()}
   return model, batch
 
@@ -53,8 +54,8 @@ def _paths(model):
 def test_registry_builds_each_kind_with_the_cubing_param_tree():
   trees = {}
   for kind in KINDS:
-    c = _config(kind)
-    model = nnx.eval_shape(lambda: Quicksviewer(c, rngs=nnx.Rngs(params=0)))
+    c = validate(_config(kind))
+    model = nnx.eval_shape(lambda: Quicksviewer(c.model, max_seq_len=c.data.max_seq_len, rngs=nnx.Rngs(params=0)))
     assert type(model.compressor).__name__ == KINDS[kind].split(":")[1]
     trees[kind] = _paths(model)
   assert trees["uniform"] == trees["cubing"] == trees["question_select"]
@@ -79,7 +80,8 @@ def test_unknown_kind_and_bad_fields_name_the_field():
 def test_cubing_default_is_the_plain_compressor_call():
   c = tiny_config(1, batch_size=2)
   del c.model.compressor["kind"]                        # a config written before the registry
-  model = Quicksviewer(c, rngs=nnx.Rngs(params=0))
+  c = validate(c)
+  model = Quicksviewer(c.model, max_seq_len=c.data.max_seq_len, rngs=nnx.Rngs(params=0))
   assert type(model.compressor) is Compressor
   batch = {k: jnp.asarray(v) for k, v in next(SyntheticBatches(c, seed=1)).items()}
   key = jax.random.key(4)

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from configs.quicksviewer import get_config
+from qv_jax.config import validate
 from qv_jax.convert.compressor_map import kind_only_shapes
 from qv_jax.convert.quicksviewer_map import convert_tensors
 from qv_jax.convert.readers import SafetensorsReader
@@ -20,7 +21,7 @@ from test_convert_quicksviewer import qv_config_json, quicksviewer_state_dict, s
 def kind_config(kind):
   c = get_config("size=tiny")
   c.model.compressor.kind = kind
-  return c
+  return validate(c)
 
 
 def run(reader, config):
@@ -61,7 +62,7 @@ def test_each_kind_maps_what_the_reference_has_and_initialises_the_rest(referenc
   if kind == "score_gating":
     assert own and all(p.startswith("compressor/policy/") for p in own)
     assert "initialised, not in the checkpoint: compressor/policy/" in report.summary()
-    fresh = flatten(nnx.to_pure_dict(nnx.state(build_compressor(config.model, rngs=nnx.Rngs(0)))))
+    fresh = flatten(nnx.to_pure_dict(nnx.state(build_compressor(config.model.compressor, rngs=nnx.Rngs(0)))))
     for path in own:
       np.testing.assert_allclose(params[path], np.asarray(fresh[path[len("compressor/"):]]), err_msg=path)
   else:
@@ -72,7 +73,7 @@ def test_each_kind_maps_what_the_reference_has_and_initialises_the_rest(referenc
     writer.add(path, value)
   writer.finalize()
   write_metadata(tmp_path / "out", config, {"params": {p: [list(s), d] for p, (s, d) in writer.written.items()}})
-  abstract = nnx.state(nnx.eval_shape(lambda: Quicksviewer(config, rngs=nnx.Rngs(0))))
+  abstract = nnx.state(nnx.eval_shape(lambda: Quicksviewer(config.model, max_seq_len=config.data.max_seq_len, rngs=nnx.Rngs(0))))
   _, state = load_converted(tmp_path / "out", abstract, strict=True)
   loaded = flatten(nnx.to_pure_dict(state))
   np.testing.assert_array_equal(np.asarray(jax.device_get(loaded["compressor/resampler/query"])),

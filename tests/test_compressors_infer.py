@@ -43,7 +43,7 @@ def test_kind_answers_through_the_api(tmp_path, video, kind, extra, monkeypatch)
   result = answer(model, video, "What colour is the first shape?", max_new_tokens=4, num_frames=12)
   assert result.error is None and isinstance(result.text, str) and 1 <= len(result.token_ids) <= 4
   # the merged length minus the pre-merge text (placeholders included) is bounded by the kind's budget
-  assert seen["visual"] <= visual_token_bound(model.config.model, seen["frames"])
+  assert seen["visual"] <= visual_token_bound(model.config.model.compressor, seen["frames"])
 
 
 def nnx_compressor(model):

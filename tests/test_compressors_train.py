@@ -4,6 +4,7 @@ policy step moves the keep rate the way its advantages say."""
 import jax
 import pytest
 
+from qv_jax.config import validate
 from qv_jax.sharding import axis_rules, make_mesh
 from qv_jax.train.loop import enable_compilation_cache, to_global
 from qv_jax.train.state import create_train_state
@@ -14,6 +15,7 @@ from test_train_util import CACHE_DIR, single_device_mesh_config, tiny_config
 
 
 def _train(config, steps):
+  config = validate(config)
   enable_compilation_cache(CACHE_DIR)
   mesh = make_mesh(config.mesh, [jax.devices()[0]])
   batch_np = next(SyntheticBatches(config, seed=5))

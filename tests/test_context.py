@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs.quicksviewer import get_config
+from qv_jax.config import validate
 from qv_jax.config.errors import ConfigError
 from qv_jax.model.compressor import Compressor
 from qv_jax.model.cubing import pool_tokens
@@ -109,7 +110,7 @@ def _compress(comp, features, n, sizes):
 @pytest.fixture(scope="module")
 def compressor():
   c = long_video_config()
-  return Compressor(c.model, rngs=nnx.Rngs(1))
+  return Compressor(validate(c).model.compressor, rngs=nnx.Rngs(1))
 
 
 @pytest.mark.parametrize("sizes", [dict(context=8), dict(context=4, fsdp=2)])
@@ -202,7 +203,7 @@ def test_whole_model_over_context_equals_one_device(whole_model, sizes):
 
 def test_greedy_generation_with_context_4_equals_context_1():
   c = get_config("size=tiny,stage=3")
-  decoder = Decoder(c.model, rngs=nnx.Rngs(5))
+  decoder = Decoder(validate(c).model.decoder, rngs=nnx.Rngs(5))
   ids = jnp.asarray(np.random.default_rng(0).integers(1, 500, (1, 16)), jnp.int32)
   kw = dict(input_ids=ids, max_new_tokens=17, eos_id=None, pad_id=0)
   want = np.asarray(generate(decoder, **kw))

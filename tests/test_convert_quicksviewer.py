@@ -177,7 +177,7 @@ def test_quicksviewer_checkpoint_loads_into_the_whole_model(qv_converted):
   from qv_jax.model.quicksviewer import Quicksviewer
   _, out = qv_converted
   config, _ = load_converted(out)
-  model = nnx.eval_shape(lambda: Quicksviewer(config, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Quicksviewer(config.model, max_seq_len=config.data.max_seq_len, rngs=nnx.Rngs(0)))
   _, params = load_converted(out, nnx.state(model, nnx.Param), strict=True)
   assert len(nnx.to_flat_state(params)) == len(converted_params(out))
   assert params["decoder"]["embed_tokens"]["embedding"].dtype == jnp.float32
@@ -189,7 +189,7 @@ def test_quicksviewer_parts_compute_like_torch(qv_checkpoint, qv_converted):
   _, siglip, qwen, _ = qv_checkpoint
   _, out = qv_converted
   config, _ = load_converted(out)
-  tower = SiglipVisionTower(config.model, rngs=nnx.Rngs(0))
+  tower = SiglipVisionTower(config.model.vision, rngs=nnx.Rngs(0))
   nnx.update(tower, load_converted(out, nnx.state(tower), part="vision_tower", strict=True)[1])
   pixels = np.random.RandomState(0).uniform(-1, 1, (2, 3, V.image_size, V.image_size)).astype(np.float32)
   with torch.no_grad():
@@ -197,7 +197,7 @@ def test_quicksviewer_parts_compute_like_torch(qv_checkpoint, qv_converted):
   ours = np.asarray(tower.hidden_states(jnp.asarray(pixels.transpose(0, 2, 3, 1))))
   assert np.abs(ours - last).max() <= 1e-4
 
-  decoder = Decoder(config.model, rngs=nnx.Rngs(0))
+  decoder = Decoder(config.model.decoder, rngs=nnx.Rngs(0))
   nnx.update(decoder, load_converted(out, nnx.state(decoder), part="decoder", strict=True)[1])
   ids = np.random.RandomState(1).randint(0, D.vocab_size, (1, 9))
   with torch.no_grad():
@@ -308,7 +308,7 @@ def test_siglip_plus_llm_into_one_checkpoint_with_bf16_storage(tmp_path):
   assert config.model.vision.hidden_size == V.hidden_size and config.model.decoder.vocab_size == D.vocab_size
 
   from qv_jax.model.quicksviewer import Quicksviewer
-  state = nnx.state(nnx.eval_shape(lambda: Quicksviewer(config, rngs=nnx.Rngs(0))), nnx.Param)
+  state = nnx.state(nnx.eval_shape(lambda: Quicksviewer(config.model, max_seq_len=config.data.max_seq_len, rngs=nnx.Rngs(0))), nnx.Param)
   _, params = load_converted(out, state)                 # the compressor stays as initialised
   w = params["vision_tower"]["layers"]["mlp"]["fc1"]["kernel"]
   assert w.dtype == jnp.float32

@@ -11,6 +11,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from configs.quicksviewer import get_config
+from qv_jax.config import validate
 from qv_jax.model import gumbel
 from qv_jax.model.compressor import Compressor, gumbel_noise_weight, max_cubes, num_cubes
 from qv_jax.model.cubing import Cubing, aux_norm_loss, momentum, pool_tokens, thumbnail_features
@@ -28,7 +29,7 @@ def tiny_config(**compressor):
 @functools.lru_cache(maxsize=None)
 def model_and_step(partition="gumbel"):
   """A tiny Compressor and ONE jitted forward reused by the tests (compiled once per partition)."""
-  model = Compressor(tiny_config(partition=partition).model, rngs=nnx.Rngs(0))
+  model = Compressor(validate(tiny_config(partition=partition)).model.compressor, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
 
   @jax.jit

@@ -3,7 +3,6 @@ chunked attention equivalence, logical axes and sharding."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -142,8 +141,7 @@ def test_return_hidden_and_logits_from_hidden(qwen):
 def _tiny_model_config(**decoder_overrides):
   config = get_config("size=tiny")
   config.model.decoder.update(decoder_overrides)
-  validate(config)
-  return config.model
+  return validate(config).model.decoder
 
 
 def _loss_and_grads(model_config, ids):
@@ -192,7 +190,7 @@ def test_every_param_has_logical_axes():
 
 def test_sharded_forward_matches_single_device():
   model_config = _tiny_model_config()
-  mesh_cfg = ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2))
+  mesh_cfg = dict(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(mesh_cfg)
   factory = lambda: Decoder(model_config, rngs=nnx.Rngs(0))
   sharded = sharding.create_sharded(factory, mesh)

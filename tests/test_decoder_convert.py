@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs.quicksviewer import get_config
-from qv_jax.config import ConfigError
+from qv_jax.config import ConfigError, validate
 from qv_jax.config.model import decoder_defaults
 from qv_jax.convert.decoder_map import (convert_decoder, decoder_config_from_hf, decoder_ignore, decoder_table,
                                         expected_decoder_shapes)
@@ -36,7 +36,7 @@ def test_config_from_hf_matches_the_released_sizes(config_json, size):
   got = decoder_config_from_hf(config_json)
   want = decoder_defaults(size)
   for field in ARCH_FIELDS:
-    assert got[field] == want[field], field
+    assert getattr(got, field) == want[field], field
   if want.rope_scaling is None:
     assert got.rope_scaling is None
   else:
@@ -88,7 +88,7 @@ def _fake_checkpoint(cfg, rng=np.random.RandomState(0)):
 
 
 def test_conversion_layouts_and_streaming():
-  cfg = get_config("size=tiny").model
+  cfg = validate(get_config("size=tiny")).model
   tensors = _fake_checkpoint(cfg)
   loads = []
 
@@ -111,8 +111,9 @@ def test_conversion_layouts_and_streaming():
 
 
 def test_tied_checkpoint_may_carry_a_duplicate_lm_head():
-  cfg = get_config("size=tiny").model
-  cfg.decoder.tie_embeddings = True
+  c = get_config("size=tiny")
+  c.model.decoder.tie_embeddings = True
+  cfg = validate(c).model
   tensors = _fake_checkpoint(cfg)
   assert "lm_head/kernel" not in convert_decoder(tensors, cfg)
   tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
@@ -120,7 +121,7 @@ def test_tied_checkpoint_may_carry_a_duplicate_lm_head():
 
 
 def test_mismatched_checkpoints_list_every_problem():
-  cfg = get_config("size=tiny").model
+  cfg = validate(get_config("size=tiny")).model
   tensors = _fake_checkpoint(cfg)
   del tensors["model.layers.1.mlp.up_proj.weight"]
   del tensors["model.norm.weight"]
@@ -138,7 +139,7 @@ def test_mismatched_checkpoints_list_every_problem():
 
 def test_table_composes_under_a_prefix():
   """The full-model converter uses the table as `decoder/...` beside other parts' tensors."""
-  cfg = get_config("size=tiny").model
+  cfg = validate(get_config("size=tiny")).model
   tensors = _fake_checkpoint(cfg)
   tensors["model.cubing.proj.weight"] = np.zeros((2, 2), np.float32)
   table = with_prefix(decoder_table(cfg.decoder), "decoder/")

@@ -9,7 +9,8 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import ml_collections
+import dataclasses
+import types
 import numpy as np
 import safetensors.numpy
 import torch
@@ -61,13 +62,11 @@ def save_and_convert(model, tmp_dir, compute_dtype: str = "float32", **decoder_o
   for name in sorted(os.listdir(path)):
     if name.endswith(".safetensors"):
       tensors.update(safetensors.numpy.load_file(os.path.join(path, name)))
-  decoder_cfg = decoder_config_from_hf(config_json)
-  for name, value in decoder_overrides.items():
-    decoder_cfg[name] = value
-  model_config = ml_collections.ConfigDict(dict(decoder=decoder_cfg, compute_dtype=compute_dtype,
-                                                param_dtype="float32"))
-  arrays = convert_decoder(tensors, model_config)
-  decoder = Decoder(model_config, rngs=nnx.Rngs(1))
+  decoder_cfg = dataclasses.replace(decoder_config_from_hf(config_json), dtype=compute_dtype,
+                                    **decoder_overrides)
+  model_config = types.SimpleNamespace(decoder=decoder_cfg)
+  arrays = convert_decoder(tensors, decoder_cfg)
+  decoder = Decoder(decoder_cfg, rngs=nnx.Rngs(1))
   load_into(decoder, arrays)
   return decoder, model_config
 

@@ -10,6 +10,7 @@ from flax import nnx
 from data_pipeline.packing import PackedCollator
 from data_pipeline.seq_buckets import bound_settings, merged_length_bound
 from qv_jax.batch import IGNORE_INDEX
+from qv_jax.config import validate
 from qv_jax.model.quicksviewer import Quicksviewer
 from qv_jax.train.loss import chunked_cross_entropy
 from qv_jax.train.synthetic_batches import SyntheticBatches
@@ -59,8 +60,8 @@ def _loss(model, batch, key):
 
 @pytest.fixture(scope="module")
 def setup():
-  config = _config()
-  model = Quicksviewer(config, rngs=nnx.Rngs(0))
+  config = validate(_config())
+  model = Quicksviewer(config.model, max_seq_len=config.data.max_seq_len, rngs=nnx.Rngs(0))
   synth, samples = _samples(config, range(5))
   rows = [samples[:3], samples[3:]]
   graphdef, params = nnx.split(model)
@@ -169,12 +170,13 @@ def test_train_step_on_packed_rows_gives_the_unpacked_loss_and_metrics():
   packed_batch = _packed(config, [samples[:2], samples[2:]])
   solo_batch = SyntheticBatches(solo_config, seed=5, image_fraction=0.5).batch_for(
       [x["sample_id"] for x in samples])
+  solo_config, packed_config = validate(solo_config), validate(packed_config)
   mesh = make_mesh(solo_config.mesh, [jax.devices()[0]])
   results = []
   with jax.set_mesh(mesh), axis_rules(solo_config.sharding_rules):
     state, spec = create_train_state(solo_config, mesh)
     for cfg, batch in ((solo_config, solo_batch), (packed_config, packed_batch)):
-      cfg.train.grad_accum = 2
+      cfg = cfg.replace(train=dict(grad_accum=2))
       _, metrics = jax.jit(make_train_step(spec.graphdef, cfg, spec.tx))(state, to_global(batch, mesh))
       results.append(jax.device_get(metrics))
   solo, packed = results

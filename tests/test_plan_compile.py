@@ -21,9 +21,8 @@ from test_train_util import CACHE_DIR
 
 def _config(size, mesh=(1, 4, 1)):
   c = get_config(f"size={size},stage=3")
-  apply_overrides(c, batch=4, frames=4, mesh_shape=mesh)
   c.data.max_text_len = c.data.max_seq_len = 128
-  return c
+  return apply_overrides(c, batch=4, frames=4, mesh_shape=mesh)
 
 
 def _specs(tree):
@@ -97,8 +96,7 @@ def test_one_compile_function():
 @pytest.mark.slow
 def test_decode_step_compiles_with_an_abstract_kv_cache():
   from qv_jax.plan.infer_plan import plan_infer
-  c = _config("tiny")
-  c.model.param_dtype = "bfloat16"
+  c = apply_overrides(_config("tiny"), param_dtype="bfloat16")
   report = plan_infer(c, load_target("v5e:1x1"), (1, 1, 1), "decode", new_tokens=16)
   dec = c.model.decoder
   slots = c.data.max_seq_len + 16 - 1                                         # the Generator's P + N - 1

@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from configs.quicksviewer import get_config
+from qv_jax.config import validate
 from qv_jax import sharding
 from qv_jax.config.mesh import MESH_AXES
 from qv_jax.model.vision_tower import SiglipVisionTower
@@ -19,7 +20,7 @@ def _run(gather_once: bool, pixels):
   config.model.vision.update(frame_chunk=2, gather_once=gather_once)
   config.mesh.update(data=1, fsdp=8, tensor=1)
   mesh = sharding.make_mesh(config.mesh)
-  tower = sharding.create_sharded(lambda: SiglipVisionTower(config.model, rngs=nnx.Rngs(0)), mesh)
+  tower = sharding.create_sharded(lambda: SiglipVisionTower(validate(config).model.vision, rngs=nnx.Rngs(0)), mesh)
   graphdef, state = nnx.split(tower)
   leaves, tree = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(1), len(leaves))

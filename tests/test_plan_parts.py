@@ -12,6 +12,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from qv_jax.config import validate
 from qv_jax.config.errors import ConfigError
 from qv_jax.plan import hlo
 from qv_jax.plan.candidates import mesh_candidates
@@ -162,6 +163,7 @@ def test_optimizer_shardings_equal_optax_tree_map_params():
   from qv_jax.train.state import train_state_spec
   c = get_config("size=tiny,stage=3")
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  c = validate(c)
   abstract, spec = train_state_spec(c, make_mesh(c.mesh))
   rep = spec.shardings.step
   ref = optax.tree_map_params(spec.tx, lambda _, s: s, jax.eval_shape(spec.tx.init, abstract.params),
@@ -232,10 +234,10 @@ def test_abstract_packed_batch_equals_the_collators_packed_batch():
   from qv_jax.sharding import make_mesh
   from qv_jax.train.compile import abstract_batch
   c = get_config("size=tiny,stage=3")
-  apply_overrides(c, batch=4, frames=8, mesh_shape=(2, 2, 2))
+  c = apply_overrides(c, batch=4, frames=8, mesh_shape=(2, 2, 2))
   mesh = make_mesh(c.mesh)
   assert tuple(abstract_batch(c, mesh)) == BATCH_KEYS
-  apply_overrides(c, pack=3, seq_len=96)
+  c = apply_overrides(c, pack=3, seq_len=96)
   assert tuple(c.data.seq_buckets) == (96,) and c.data.pack_samples == 3
   collate = PackedCollator(image_size=c.data.image_size, max_text_len=c.data.max_text_len, frame_buckets=(8,),
                            seq_buckets=(48, 96), slots=3, pad_id=0, normalize_on_host=False)

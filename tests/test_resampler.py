@@ -13,6 +13,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from configs.quicksviewer import get_config
+from qv_jax.config import validate
 from qv_jax.model.compressor import Compressor
 from qv_jax.model.resampler import Resampler
 from qv_jax.model.resampler_fast import fast_flops, frames_per_chunk
@@ -181,7 +182,7 @@ def test_fast_flops_linear_in_frames():
 
 def test_compiles_once_across_partitions_and_frame_counts():
   config = get_config("size=tiny")
-  model = Compressor(config.model, rngs=nnx.Rngs(0))
+  model = Compressor(validate(config).model.compressor, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
 
   @jax.jit

@@ -142,7 +142,7 @@ def test_decoder_over_context_4_equals_context_1(mode):
   c = get_config("size=tiny,stage=3")
   c.model.decoder.context_attention = mode
   c.model.compute_dtype = "float32"
-  decoder = Decoder(c.model, rngs=nnx.Rngs(3))
+  decoder = Decoder(validate(c).model.decoder, rngs=nnx.Rngs(3))
   r = np.random.default_rng(1)
   ids = jnp.asarray(r.integers(0, c.model.decoder.vocab_size, (B, L)), jnp.int32)
   _, _, _, mask, seg = _inputs()

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from qv_jax.batch import MODALITY_VIDEO
+from qv_jax.config import validate
 from qv_jax.train.loss import cubing_aux_per_sample
 from qv_jax.train.synthetic_batches import SyntheticBatches
 from test_train_step import run_steps
@@ -30,6 +31,7 @@ def _reference_sum_and_counts(config):
   from qv_jax.train.schedules import noise_weight
   from qv_jax.train.state import create_train_state
   from qv_jax.sharding import axis_rules, make_mesh
+  config = validate(config)
   mesh = make_mesh(config.mesh, [jax.devices()[0]])
   batch = next(SyntheticBatches(config, seed=3, image_fraction=0.25))
   with jax.set_mesh(mesh), axis_rules(config.sharding_rules):

@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs.quicksviewer import get_config
 from data_pipeline.loader import make_data
-from qv_jax.config import ConfigError
+from qv_jax.config import ConfigError, validate
 from qv_jax.model.quicksviewer import Quicksviewer
 from qv_jax.train import checkpoint as ckpt
 from qv_jax.train.loop import NonFiniteLossError, train
@@ -58,7 +58,8 @@ def test_unknown_stage(tmp_path):
 
 
 def _save_tiny_params(workdir):
-  model = Quicksviewer(tiny_config(1), rngs=nnx.Rngs(params=0))
+  config = validate(tiny_config(1))
+  model = Quicksviewer(config.model, max_seq_len=config.data.max_seq_len, rngs=nnx.Rngs(params=0))
   checkpointer = ckpt.Checkpointer(str(workdir), async_save=False)
   checkpointer.save(4, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
                     opt_state={"count": jax.numpy.zeros((), jax.numpy.int32)},

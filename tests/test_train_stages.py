@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from qv_jax.config import validate
 from qv_jax.config.train import STAGE_TRAINABLE
 from qv_jax.model.gumbel import gumbel_noise_weight
 from qv_jax.sharding import axis_rules, make_mesh
@@ -28,6 +29,7 @@ def _names(tree):
 
 
 def _load(workdir, config):
+  config = validate(config)
   mesh = make_mesh(config.mesh, [jax.devices()[0]])
   with jax.set_mesh(mesh), axis_rules(config.sharding_rules):
     abstract, _ = train_state_spec(config, mesh)
@@ -35,6 +37,7 @@ def _load(workdir, config):
 
 
 def _initial(config):
+  config = validate(config)
   mesh = make_mesh(config.mesh, [jax.devices()[0]])
   with jax.set_mesh(mesh), axis_rules(config.sharding_rules):
     state, _ = create_train_state(config, mesh)
@@ -151,7 +154,7 @@ def test_stage1_from_a_converted_release_keeps_a_fresh_compressor(tmp_path):
   """`train.init_from` may name a `qv-convert` output holding SigLIP and the LLM only (the reference's
   stage 1: a new resampler and cubing network on pretrained parts)."""
   from qv_jax.convert.writer import ParamWriter, flatten, write_metadata
-  c = _config(1)
+  c = validate(_config(1))
   reference, _ = _initial(_config(1, seed=7))                   # "pretrained" weights: another seed
   writer = ParamWriter(str(tmp_path / "converted"))
   stored = {p: np.asarray(v) for p, v in flatten(reference).items() if not p.startswith("compressor/")}

@@ -12,10 +12,12 @@ from qv_jax.train.state import create_train_state, full_params
 from qv_jax.train.compile import compile_train_step
 from qv_jax.train.step import make_train_step
 from qv_jax.train.synthetic_batches import SyntheticBatches
+from qv_jax.config import validate
 from test_train_util import CACHE_DIR, tiny_config
 
 
 def run_steps(config, devices, num_steps):
+  config = validate(config)
   enable_compilation_cache(CACHE_DIR)
   mesh = make_mesh(config.mesh, devices)
   data = SyntheticBatches(config, seed=3, image_fraction=0.25)

@@ -1,6 +1,7 @@
 """SigLIP vision tower: parity with transformers through the converter, the 27→24 interpolation, chunked
 and rematerialised frame encoding, logical axes, sharding and bad input."""
 
+import dataclasses
 import json
 
 import jax
@@ -13,6 +14,7 @@ from flax import nnx
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from configs.quicksviewer import get_config
+from qv_jax.config import validate
 from qv_jax import sharding
 from qv_jax.convert.cli import convert
 from qv_jax.convert.writer import load_converted
@@ -23,7 +25,7 @@ from qv_jax.model.vision_tower import (SiglipVisionTower, bilinear_weights, inte
 def tiny_model_config(**vision):
   config = get_config("size=tiny")
   config.model.vision.update(vision)
-  return config.model
+  return validate(config).model
 
 
 def torch_resize(tokens: np.ndarray, grid_in: int, grid_out: int) -> np.ndarray:
@@ -88,9 +90,8 @@ def test_parity_with_transformers_through_the_converter(hf_siglip):
   assert (v.hidden_size, v.num_layers, v.num_heads, v.layer_norm_eps) == (
       hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.num_attention_heads,
       hf_config.layer_norm_eps)
-  model_config = config.model
-  model_config.compute_dtype = "float32"
-  tower = SiglipVisionTower(model_config, rngs=nnx.Rngs(0))
+  config = config.replace(model=dict(compute_dtype="float32"))
+  tower = SiglipVisionTower(config.model.vision, rngs=nnx.Rngs(0))
   _, params = load_converted(out, nnx.state(tower), part="vision_tower", strict=True)
   nnx.update(tower, params)
 
@@ -125,7 +126,7 @@ def test_converted_weights_equal_the_source_layouts(hf_siglip):
 
 
 def _random_tower(model_config, seed=0):
-  tower = SiglipVisionTower(model_config, rngs=nnx.Rngs(seed))
+  tower = SiglipVisionTower(model_config.vision, rngs=nnx.Rngs(seed))
   state = nnx.state(tower)
   leaves, treedef = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
@@ -167,7 +168,7 @@ def test_remat_changes_neither_values_nor_gradients():
 
 
 def test_every_param_has_logical_axes_and_stacked_layers():
-  tower = nnx.eval_shape(lambda: SiglipVisionTower(get_config("size=qwen2_7b").model, rngs=nnx.Rngs(0)))
+  tower = nnx.eval_shape(lambda: SiglipVisionTower(validate(get_config("size=qwen2_7b")).model.vision, rngs=nnx.Rngs(0)))
   flat = dict(nnx.to_flat_state(nnx.state(tower)))
   assert len(flat) == 19
   for path, var in flat.items():
@@ -184,7 +185,7 @@ def test_every_param_has_logical_axes_and_stacked_layers():
 
 
 def test_released_size_shapes_without_allocating():
-  tower = nnx.eval_shape(lambda: SiglipVisionTower(get_config("size=qwen2_7b").model, rngs=nnx.Rngs(0)))
+  tower = nnx.eval_shape(lambda: SiglipVisionTower(validate(get_config("size=qwen2_7b")).model.vision, rngs=nnx.Rngs(0)))
   out = jax.eval_shape(lambda t, x: t.encode_frames(x), tower, jax.ShapeDtypeStruct((1, 20, 384, 384, 3),
                                                                                     jnp.uint8))
   assert out.shape == (1, 20, 576, 1152) and out.dtype == jnp.bfloat16
@@ -199,7 +200,7 @@ def test_sharded_encode_frames_equals_single_device():
   config = get_config("size=tiny")
   config.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(config.mesh)
-  sharded = sharding.create_sharded(lambda: SiglipVisionTower(mc, rngs=nnx.Rngs(0)), mesh)
+  sharded = sharding.create_sharded(lambda: SiglipVisionTower(mc.vision, rngs=nnx.Rngs(0)), mesh)
   nnx.update(sharded, jax.device_put(nnx.state(tower), sharding.state_shardings(nnx.state(sharded), mesh)))
   kernel = nnx.state(sharded)["layers"]["mlp"]["fc1"]["kernel"].get_value()
   assert kernel.sharding.spec[2] == "tensor"   # vision_mlp over the tensor axis
@@ -215,9 +216,8 @@ def test_bfloat16_compute_stays_close_to_float32():
   tower = _random_tower(mc)
   pixels = jnp.asarray(np.random.RandomState(4).uniform(-1, 1, (2, 98, 98, 3)).astype(np.float32))
   ref = np.asarray(tower(pixels))
-  mc_bf16 = tiny_model_config()
-  mc_bf16.compute_dtype = "bfloat16"
-  tower_bf16 = SiglipVisionTower(mc_bf16, rngs=nnx.Rngs(0))
+  mc_bf16 = dataclasses.replace(tiny_model_config(), compute_dtype="bfloat16")
+  tower_bf16 = SiglipVisionTower(mc_bf16.vision, rngs=nnx.Rngs(0))
   nnx.update(tower_bf16, nnx.state(tower))
   out = tower_bf16(pixels)
   assert out.dtype == jnp.bfloat16
@@ -228,7 +228,7 @@ def test_bfloat16_compute_stays_close_to_float32():
 @pytest.mark.parametrize("shape,method", [((2, 96, 96, 3), "__call__"), ((2, 98, 98), "__call__"),
                                           ((2, 98, 98, 3), "encode_frames")])
 def test_bad_pixel_shapes_name_the_expected_shape(shape, method):
-  tower = SiglipVisionTower(tiny_model_config(), rngs=nnx.Rngs(0))
+  tower = SiglipVisionTower(tiny_model_config().vision, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"expected \[(N|B, F), 98, 98, 3\]"):
     getattr(tower, method)(jnp.zeros(shape, jnp.float32))
 
@@ -236,9 +236,9 @@ def test_bad_pixel_shapes_name_the_expected_shape(shape, method):
 def test_converted_params_restore_into_a_sharded_tower(hf_siglip):
   _, _, out = hf_siglip
   config, host = load_converted(out, part="vision_tower")
-  config.mesh.update(data=2, fsdp=2, tensor=2)
+  config = config.replace(mesh=dict(data=2, fsdp=2, tensor=2))
   mesh = sharding.make_mesh(config.mesh)
-  tower = sharding.create_sharded(lambda: SiglipVisionTower(config.model, rngs=nnx.Rngs(0)), mesh)
+  tower = sharding.create_sharded(lambda: SiglipVisionTower(config.model.vision, rngs=nnx.Rngs(0)), mesh)
   target = nnx.state(tower)
   _, params = load_converted(out, target, part="vision_tower", strict=True)
   got = params["layers"]["mlp"]["fc1"]["kernel"]

@@ -61,9 +61,9 @@ def validate_data(d, model) -> None:
   require(d.read_threads >= 0 and d.read_buffer >= 1, f"{f}.read_threads",
           f"read_threads must be >= 0 and read_buffer >= 1, got {d.read_threads} and {d.read_buffer}")
   require(d.max_seq_len > 0 and d.max_text_len > 0, f"{f}.max_seq_len", "lengths must be positive")
-  seq = tuple(int(b) for b in d.get("seq_buckets", ()))
+  seq = tuple(int(b) for b in d.seq_buckets)
   require(all(b > 0 for b in seq) and list(seq) == sorted(set(seq)), f"{f}.seq_buckets",
           f"{seq} must be strictly increasing positive lengths")
   require(not seq or seq[-1] <= d.max_seq_len, f"{f}.seq_buckets",
           f"largest bucket {seq[-1] if seq else 0} > data.max_seq_len {d.max_seq_len}")
-  require(int(d.get("pack_samples", 1)) >= 1, f"{f}.pack_samples", f"must be >= 1, got {d.get('pack_samples')}")
+  require(int(d.pack_samples) >= 1, f"{f}.pack_samples", f"must be >= 1, got {d.pack_samples}")

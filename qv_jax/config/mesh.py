@@ -52,7 +52,7 @@ def mesh_defaults() -> ml_collections.ConfigDict:
 
 
 def validate_mesh(m) -> None:
-  sizes = [m.get(a, 1) for a in MESH_AXES]
+  sizes = [getattr(m, a) for a in MESH_AXES]
   for a, s in zip(MESH_AXES, sizes):
     require(s == -1 or s >= 1, f"mesh.{a}", f"must be -1 or >= 1, got {s}")
   require(sizes.count(-1) <= 1, "mesh", f"at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")

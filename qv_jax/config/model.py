@@ -42,7 +42,8 @@ def vision_defaults(size: str) -> ml_collections.ConfigDict:
       base,
       layer_norm_eps=1e-6,
       frame_chunk=16,          # frames per sample per step of `encode_frames` (lax.map over chunks)
-      remat=True,              # rematerialise each frame chunk and each encoder layer in the backward pass
+      remat_policy="nothing_saveable",  # REMAT_POLICIES: each frame chunk and each encoder layer in the
+                                        # backward pass ("none": no remat; an old `remat` bool translates)
       gather_once=False,       # FSDP: all-gather the tower's weights once per step, not per frame chunk
                                # (docs/planner.md; costs the full tower's fp32 weights and gradients per chip)
   ))
@@ -125,17 +126,19 @@ def validate_vision(v) -> None:
   f = "model.vision"
   for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "patch_size",
                "image_size", "grid_out", "frame_chunk"):
-    require(int(v[name]) > 0, f"{f}.{name}", f"must be positive, got {v[name]}")
+    require(int(getattr(v, name)) > 0, f"{f}.{name}", f"must be positive, got {getattr(v, name)}")
   require(v.hidden_size % v.num_heads == 0, f"{f}.num_heads",
           f"{v.num_heads} heads do not divide hidden_size {v.hidden_size}")
   native = v.image_size // v.patch_size   # VALID conv: 384 // 14 = 27
   require(v.grid_out <= native, f"{f}.grid_out",
           f"{v.grid_out} exceeds the native patch grid {native}×{native}")
   require(v.layer_norm_eps > 0, f"{f}.layer_norm_eps", f"must be positive, got {v.layer_norm_eps}")
-  require(isinstance(v.remat, bool), f"{f}.remat", f"must be True or False, got {v.remat!r}")
+  require(v.remat_policy in REMAT_POLICIES, f"{f}.remat_policy",
+          f"{v.remat_policy!r}; expected one of {REMAT_POLICIES}")
 
 
-def validate_compressor(c, vision) -> None:
+def validate_compressor(c, vision=None) -> None:
+  """Checks `model.compressor`; with `vision`, also that it matches the tower's width and grid."""
   f = "model.compressor"
   require(c.embed_dim > 0 and c.embed_dim % 8 == 0, f"{f}.embed_dim",
           f"D={c.embed_dim} must be a positive multiple of 8 (3D sincos split 2/8 | 3/8 | 3/8)")
@@ -144,10 +147,11 @@ def validate_compressor(c, vision) -> None:
           f"of 16")
   require(c.num_heads > 0 and c.embed_dim % c.num_heads == 0, f"{f}.num_heads",
           f"{c.num_heads} heads do not divide embed_dim D={c.embed_dim}")
-  require(c.vision_dim == vision.hidden_size, f"{f}.vision_dim",
-          f"{c.vision_dim} != model.vision.hidden_size {vision.hidden_size}")
-  require(c.grid_size == vision.grid_out, f"{f}.grid_size",
-          f"{c.grid_size} != model.vision.grid_out {vision.grid_out}")
+  if vision is not None:
+    require(c.vision_dim == vision.hidden_size, f"{f}.vision_dim",
+            f"{c.vision_dim} != model.vision.hidden_size {vision.hidden_size}")
+    require(c.grid_size == vision.grid_out, f"{f}.grid_size",
+            f"{c.grid_size} != model.vision.grid_out {vision.grid_out}")
   require((c.grid_size ** 2) % c.thumbnail_pool == 0, f"{f}.thumbnail_pool",
           f"{c.thumbnail_pool} does not divide the {c.grid_size ** 2} tokens of a frame")
   require(c.num_queries > 0, f"{f}.num_queries", f"must be positive, got {c.num_queries}")
@@ -163,7 +167,7 @@ def validate_compressor(c, vision) -> None:
   require(c.vision_dim > 0 and c.grid_size > 0, f"{f}.vision_dim",
           f"vision_dim {c.vision_dim} and grid_size {c.grid_size} must be positive")
   for name in ("mlp_layer_norm_eps", "resampler_layer_norm_eps", "pos_temperature"):
-    require(c[name] > 0, f"{f}.{name}", f"must be positive, got {c[name]}")
+    require(getattr(c, name) > 0, f"{f}.{name}", f"must be positive, got {getattr(c, name)}")
   from qv_jax.model.compressors.registry import validate_kind
   validate_kind(c)
 
@@ -174,7 +178,7 @@ def validate_decoder(d, compressor=None) -> None:
   require(d.family in ("qwen2", "llama3"), f"{f}.family", f"{d.family!r}; expected 'qwen2' or 'llama3'")
   for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                "head_dim", "attention_chunk"):
-    require(int(d[name]) > 0, f"{f}.{name}", f"must be positive, got {d[name]}")
+    require(int(getattr(d, name)) > 0, f"{f}.{name}", f"must be positive, got {getattr(d, name)}")
   if compressor is not None:
     require(d.hidden_size == compressor.embed_dim, f"{f}.hidden_size",
             f"{d.hidden_size} != model.compressor.embed_dim {compressor.embed_dim}")
@@ -185,18 +189,18 @@ def validate_decoder(d, compressor=None) -> None:
   require(d.rms_norm_eps > 0, f"{f}.rms_norm_eps", f"must be positive, got {d.rms_norm_eps}")
   if d.rope_scaling is not None:
     s = d.rope_scaling
-    require(s.get("type") == "llama3", f"{f}.rope_scaling.type",
-            f"{s.get('type')!r}; only 'llama3' scaling is supported")
+    require(getattr(s, "type", None) == "llama3", f"{f}.rope_scaling.type",
+            f"{getattr(s, 'type', None)!r}; only 'llama3' scaling is supported")
     for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-      require(name in s and float(s[name]) > 0, f"{f}.rope_scaling.{name}",
-              f"must be present and positive, got {s.get(name)!r}")
-    require(s["high_freq_factor"] > s["low_freq_factor"], f"{f}.rope_scaling.high_freq_factor",
-            f"{s['high_freq_factor']} must exceed low_freq_factor {s['low_freq_factor']}")
+      require(getattr(s, name, None) is not None and float(getattr(s, name)) > 0, f"{f}.rope_scaling.{name}",
+              f"must be present and positive, got {getattr(s, name, None)!r}")
+    require(s.high_freq_factor > s.low_freq_factor, f"{f}.rope_scaling.high_freq_factor",
+            f"{s.high_freq_factor} must exceed low_freq_factor {s.low_freq_factor}")
   require(d.remat_policy in REMAT_POLICIES, f"{f}.remat_policy",
           f"{d.remat_policy!r}; expected one of {REMAT_POLICIES}")
   require(d.attention_impl in ATTENTION_IMPLS, f"{f}.attention_impl",
           f"{d.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
-  mode = d.get("context_attention", "auto")
+  mode = d.context_attention
   require(mode in CONTEXT_ATTENTION, f"{f}.context_attention", f"{mode!r}; expected one of {CONTEXT_ATTENTION}")
 
 

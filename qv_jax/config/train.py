@@ -75,10 +75,10 @@ def validate_train(t) -> None:
   require(t.checkpoint_every >= 1, f"{f}.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
   require(t.log_every >= 1, f"{f}.log_every", f"must be >= 1, got {t.log_every}")
   require(t.ce_chunk >= 1, f"{f}.ce_chunk", f"must be >= 1, got {t.ce_chunk}")
-  require(int(t.get("score_rollouts", 0)) >= 0, f"{f}.score_rollouts", f"must be >= 0, got {t.score_rollouts}")
-  require(t.get("score_curriculum", "videos") in ("pseudo_videos", "videos"), f"{f}.score_curriculum",
-          f"{t.get('score_curriculum')!r}; expected 'pseudo_videos' or 'videos'")
-  require(int(t.get("score_repeat", 1)) >= 1, f"{f}.score_repeat", f"must be >= 1, got {t.get('score_repeat')}")
+  require(int(t.score_rollouts) >= 0, f"{f}.score_rollouts", f"must be >= 0, got {t.score_rollouts}")
+  require(t.score_curriculum in ("pseudo_videos", "videos"), f"{f}.score_curriculum",
+          f"{t.score_curriculum!r}; expected 'pseudo_videos' or 'videos'")
+  require(int(t.score_repeat) >= 1, f"{f}.score_repeat", f"must be >= 1, got {t.score_repeat}")
   require(t.stop_at >= 0, f"{f}.stop_at", f"must be >= 0, got {t.stop_at}")
   require(all(isinstance(a, str) for a in t.allow_config_change), f"{f}.allow_config_change",
           f"expected field names, got {tuple(t.allow_config_change)!r}")

@@ -1,4 +1,4 @@
-"""`validate(config)`: every check, run before anything compiles."""
+"""`validate(config)`: every check, run before anything compiles; returns the frozen, typed `Config`."""
 
 from qv_jax.config.data import validate_data
 from qv_jax.config.errors import require
@@ -6,14 +6,20 @@ from qv_jax.config.mesh import validate_mesh
 from qv_jax.config.model import MODEL_PARTS, validate_model
 from qv_jax.config.sizes import check_size
 from qv_jax.config.train import validate_train
+from qv_jax.config.typed import Config
 
 
-def validate(config, parts=MODEL_PARTS):
-  """Checks a whole config; raises `ConfigError` naming the first bad field. Returns the config.
-  parts: the model parts to check (a conversion checks only the parts it converts)."""
+def validate(config, parts=MODEL_PARTS) -> Config:
+  """A ConfigDict or the dict of a config.json (or a `Config`, re-checked) -> the typed `Config`; raises
+  `ConfigError` naming the first bad field. parts: the model parts to check (a conversion checks only the
+  parts it converts)."""
   from qv_jax.parallel.context import check_config as check_context   # (it imports this package)
-  for section in ("model", "data", "mesh", "train"):
-    require(section in config, section, "missing section")
+  if not isinstance(config, Config):
+    for section in ("model", "data", "mesh", "train"):
+      require(section in config, section, "missing section")
+    require("size" in config["model"], "model.size", "missing field")
+    check_size(config["model"]["size"])
+  config = Config.from_config_dict(config)
   check_size(config.model.size)
   validate_model(config.model, parts)
   validate_data(config.data, config.model)

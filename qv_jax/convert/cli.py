@@ -133,9 +133,13 @@ def convert(sources: str | os.PathLike | Sequence[str | os.PathLike], output: st
       specs.append((lay, config_json, {n: reader.shape(n) for n in reader.names()}))
     config = derive_config(specs, size=size)
     if grid_out:
-      config.model.vision.grid_out = config.model.compressor.grid_size = int(grid_out)
+      import dataclasses
+
       from qv_jax.config import validate
-      validate(config, converted_parts(layouts))
+      m = config.model
+      m = dataclasses.replace(m, vision=dataclasses.replace(m.vision, grid_out=int(grid_out)),
+                              compressor=dataclasses.replace(m.compressor, grid_size=int(grid_out)))
+      config = validate(dataclasses.replace(config, model=m), converted_parts(layouts))
     real_output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{real_output.name}.converting-", dir=real_output.parent))
     umask = os.umask(0o022)

@@ -58,7 +58,7 @@ def compressor_param_shapes(model_config, kind: str | None = None) -> dict[str, 
   from qv_jax.convert.mapping import state_paths
   from qv_jax.model.compressors.registry import compressor_class, compressor_kind
   cls = compressor_class(kind or compressor_kind(model_config.compressor))
-  return state_paths(nnx.state(nnx.eval_shape(lambda: cls(model_config, rngs=nnx.Rngs(0)))))
+  return state_paths(nnx.state(nnx.eval_shape(lambda: cls(model_config.compressor, rngs=nnx.Rngs(0)))))
 
 
 def reference_shapes(model_config) -> dict[str, tuple[int, ...]]:
@@ -86,29 +86,36 @@ def initialised_params(model_config, seed: int = 0) -> dict[str, np.ndarray]:
 
   @jax.jit
   def init():
-    flat = flatten(nnx.to_pure_dict(nnx.state(build_compressor(model_config, rngs=nnx.Rngs(seed)))))
+    flat = flatten(nnx.to_pure_dict(nnx.state(build_compressor(model_config.compressor, rngs=nnx.Rngs(seed)))))
     return {p: flat[p] for p in paths}
   return {p: np.asarray(v) for p, v in init().items()}
 
 
 def _config_from_tensors(names: Mapping[str, str], tensors: Mapping[str, np.ndarray]):
-  """A config.model whose compressor dims (Dv, D, Q) are read from the kv_proj and query tensors."""
-  from qv_jax.config.presets import get_config
+  """A validated `ModelConfig` whose compressor dims (Dv, D, Q) are read from the kv_proj and query
+  tensors."""
+  import dataclasses
+
+  from qv_jax.config import get_config, validate
+  from qv_jax.config.model import validate_compressor
   from qv_jax.convert.mapping import MappingError
   missing = [n for n in ("vision_resampler.kv_proj.weight", "vision_resampler.query") if n not in names]
   if missing:
     raise MappingError(f"cannot infer the compressor dims: missing {missing}; pass model_config")
   d, dv = np.shape(tensors[names["vision_resampler.kv_proj.weight"]])
   q = np.shape(tensors[names["vision_resampler.query"]])[0]
-  model = get_config("size=tiny").model
-  model.vision.hidden_size = model.compressor.vision_dim = int(dv)
-  model.compressor.embed_dim, model.compressor.num_queries, model.compressor.num_heads = int(d), int(q), 1
+  model = validate(get_config("size=tiny")).model
+  model = dataclasses.replace(
+      model, vision=dataclasses.replace(model.vision, hidden_size=int(dv)),
+      compressor=dataclasses.replace(model.compressor, vision_dim=int(dv), embed_dim=int(d), num_queries=int(q),
+                                     num_heads=1))
+  validate_compressor(model.compressor, model.vision)
   return model
 
 
 def convert_compressor(tensors: Mapping[str, np.ndarray], model_config=None) -> dict[str, np.ndarray]:
   """Reference compressor tensors (names with or without the leading `model.`, PyTorch layouts) ->
-  {Compressor param path: np.ndarray}. Expected shapes come from `Compressor(model_config)` (config.model)
+  {Compressor param path: np.ndarray}. Expected shapes come from the compressor of `model_config` (a `ModelConfig`)
   or, without it, from dims read off the tensors (Dv, D from kv_proj, Q from query). Raises MappingError
   listing every missing, extra or mis-shaped tensor. The configured kind's own params
   (`kind_only_shapes`) are not returned: `initialised_params` makes them."""

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
 
-import ml_collections
 import numpy as np
 
 from qv_jax.config.errors import ConfigError
 from qv_jax.config.model import decoder_defaults
+from qv_jax.config.typed import DecoderConfig, ModelConfig
 from qv_jax.convert.mapping import Rule, apply_table, rule, state_paths, transpose
 
 _LAYER = r"model\.layers\.(?P<layer>\d+)\."
@@ -49,8 +49,8 @@ def _heads_out(num_heads: int, head_dim: int) -> Callable[[np.ndarray], np.ndarr
   return fn
 
 
-def _decoder_section(config) -> Any:
-  return config.decoder if "decoder" in config else config
+def _decoder_section(config) -> DecoderConfig:
+  return config.decoder if isinstance(config, ModelConfig) else config
 
 
 def decoder_table(decoder_config) -> list[Rule]:
@@ -103,13 +103,10 @@ def decoder_ignore(decoder_config) -> list[str]:
 
 
 def expected_decoder_shapes(model_config) -> dict[str, tuple[int, ...]]:
-  """{param path: shape} of the Decoder for a model config (or a bare decoder section), built abstractly."""
+  """{param path: shape} of the Decoder for a `ModelConfig` (or a bare `DecoderConfig`), built abstractly."""
   from flax import nnx
   from qv_jax.model.decoder import Decoder
-  if "decoder" not in model_config:
-    model_config = ml_collections.ConfigDict(dict(decoder=model_config, compute_dtype="float32",
-                                                  param_dtype="float32"))
-  abstract = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Decoder(_decoder_section(model_config), rngs=nnx.Rngs(0)))
   return state_paths(nnx.state(abstract))
 
 
@@ -156,9 +153,10 @@ def _rope(cfg: Mapping[str, Any]) -> tuple[float, dict | None]:
                             original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
 
 
-def decoder_config_from_hf(config_json: Mapping[str, Any]) -> ml_collections.ConfigDict:
+def decoder_config_from_hf(config_json: Mapping[str, Any]) -> DecoderConfig:
   """`model.decoder` from an HF (or Quicksviewer) config.json dict: family, sizes, RoPE θ / llama3 scaling,
-  RMSNorm eps, tied embeddings, q/k/v bias; run-time fields (remat, scan, attention) get their defaults."""
+  RMSNorm eps, tied embeddings, q/k/v bias; run-time fields (remat, scan, attention) get their defaults.
+  The dtypes are float32 until it joins a `ModelConfig`."""
   cfg = dict(config_json)
   family = _family(cfg)
   if cfg.get("hidden_act", "silu") != "silu":
@@ -182,4 +180,4 @@ def decoder_config_from_hf(config_json: Mapping[str, Any]) -> ml_collections.Con
     raise ConfigError(f"config.json {e.args[0]}", "missing") from None
   if hidden >= 1024:
     out["attention_impl"] = "chunked"
-  return ml_collections.ConfigDict(out)
+  return DecoderConfig.from_config_dict(out)

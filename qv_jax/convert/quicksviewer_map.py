@@ -23,10 +23,10 @@ import re
 import time
 from typing import Any, Callable, Iterable, Mapping
 
-import ml_collections
 import numpy as np
 
 from qv_jax.batch import SPECIAL_TOKENS
+from qv_jax.config.typed import Config
 from qv_jax.convert.mapping import MappingError, Rule, apply_table, raise_mismatch, with_prefix
 from qv_jax.convert.siglip_map import (SIGLIP_IGNORE, SIGLIP_MODEL_TYPES, SIGLIP_TABLE,
                                        expected_vision_shapes, vision_config_from_hf)
@@ -121,7 +121,7 @@ def _so400m_like(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> bool:
 
 
 def derive_config(sources: Iterable[tuple[str, Mapping | None, Mapping[str, tuple[int, ...]]]],
-                  size: str | None = None) -> ml_collections.ConfigDict:
+                  size: str | None = None) -> Config:
   """The qv-jax config for one or more checkpoints, each given as (layout, config.json dict or None,
   {tensor name: shape}). With `size`: the preset of that size (the checkpoints must fit it). Without:
   each part comes from the checkpoint holding it (SigLIP / Qwen2 / Llama config.json fields; for a
@@ -159,20 +159,20 @@ def derive_config(sources: Iterable[tuple[str, Mapping | None, Mapping[str, tupl
         raise MappingError("the Quicksviewer config.json has no vision_config and the tower is not "
                            "SigLIP so400m/14 (patch_embedding [1152, 3, 14, 14]); pass --size")
   config = get_config("size=" + ("llama3_8b" if decoder is not None and decoder.family == "llama3"
-                                 else "qwen2_7b"))
-  m = config.model
+                                 else "qwen2_7b")).to_dict()
+  m = config["model"]
   if decoder is not None:
-    for key in ("remat_policy", "scan_layers"):
-      decoder[key] = m.decoder[key]
-    m.decoder = decoder
+    m["decoder"] = dict(decoder.to_dict(), remat_policy=m["decoder"]["remat_policy"],
+                        scan_layers=m["decoder"]["scan_layers"])
   if vision is not None:
-    m.vision.update(vision)
-  c, v, d = m.compressor, m.vision, m.decoder
-  c.vision_dim, c.grid_size, c.embed_dim = v.hidden_size, v.grid_out, d.hidden_size
-  c.num_heads = int(qv_json.get("num_heads") or (d.hidden_size // 128 if d.hidden_size >= 1024 else 4))
-  c.num_queries = int(qv_json.get("num_queries") or
-                      (64 if d.hidden_size >= 1024 else v.grid_out ** 2 // c.thumbnail_pool))
-  config.data.image_size = v.image_size
+    m["vision"].update(vision)
+  c, v, d = m["compressor"], m["vision"], m["decoder"]
+  c.update(vision_dim=v["hidden_size"], grid_size=v["grid_out"], embed_dim=d["hidden_size"])
+  width = d["hidden_size"]
+  c["num_heads"] = int(qv_json.get("num_heads") or (width // 128 if width >= 1024 else 4))
+  c["num_queries"] = int(qv_json.get("num_queries") or
+                         (64 if width >= 1024 else v["grid_out"] ** 2 // c["thumbnail_pool"]))
+  config["data"]["image_size"] = v["image_size"]
   return validate(config, parts)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping
 
-import ml_collections
 import numpy as np
 
 from qv_jax.convert.mapping import (MappingError, apply_table, conv_to_hwio, rule, state_paths,
@@ -47,7 +46,7 @@ SIGLIP_IGNORE = (
 SIGLIP_MODEL_TYPES = ("siglip_vision_model", "siglip")
 
 
-def vision_config_from_hf(config_json: Mapping, grid_out: int | None = None) -> ml_collections.ConfigDict:
+def vision_config_from_hf(config_json: Mapping, grid_out: int | None = None) -> dict:
   """`model.vision` fields from an HF SigLIP config.json (a `SiglipVisionConfig`, or a `SiglipConfig`
   whose `vision_config` holds it). grid_out defaults to 24 for a 27×27 patch grid (so400m at 384 px,
   SPEC §2), otherwise to the largest multiple of 3 not above the native grid, so that the thumbnail's
@@ -67,15 +66,16 @@ def vision_config_from_hf(config_json: Mapping, grid_out: int | None = None) -> 
     raise MappingError(f"SigLIP config.json lacks the field {e.args[0]!r}") from None
   native = fields["image_size"] // fields["patch_size"]
   fields["grid_out"] = int(grid_out) if grid_out else (24 if native == 27 else max(native - native % 3, 1))
-  return ml_collections.ConfigDict(fields)
+  return fields
 
 
 def expected_vision_shapes(model_config) -> dict[str, tuple[int, ...]]:
-  """{param path: shape} of `SiglipVisionTower(model_config)`, without allocating it."""
+  """{param path: shape} of `SiglipVisionTower(model_config.vision)` (a `ModelConfig`), without allocating
+  it."""
   from flax import nnx
 
   from qv_jax.model.vision_tower import SiglipVisionTower
-  abstract = nnx.eval_shape(lambda: SiglipVisionTower(model_config, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: SiglipVisionTower(model_config.vision, rngs=nnx.Rngs(0)))
   return state_paths(nnx.state(abstract))
 
 

@@ -5,7 +5,7 @@ A converted directory holds:
   params/          an orbax pytree checkpoint of the nested param dict, whole-model paths
                    (`vision_tower/...`, `compressor/...`, `decoder/...`), in the stored dtype; the
                    same layout `StandardCheckpointer` writes, so it restores with it too
-  config.json      the qv-jax config the params belong to (`ConfigDict.to_json`)
+  config.json      the qv-jax config the params belong to (`Config.to_json`)
   conversion.json  what was converted: layout, source, {path: [shape, dtype]}, mapped and ignored names
 
 `ParamWriter` streams: each `add(path, array)` is buffered until `flush_bytes` and then written by an
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import ml_collections
 import numpy as np
 
 from qv_jax.convert.mapping import MappingError
@@ -160,20 +159,21 @@ class ParamWriter:
         shutil.rmtree(d)
 
 
-def write_metadata(directory: str | os.PathLike, config: ml_collections.ConfigDict, report: dict) -> None:
+def write_metadata(directory: str | os.PathLike, config, report: dict) -> None:
+  """config: the validated `Config`."""
   directory = Path(directory)
   (directory / CONFIG_FILE).write_text(config.to_json(indent=2) + "\n")
   (directory / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def read_config(directory: str | os.PathLike) -> ml_collections.ConfigDict:
+def read_config(directory: str | os.PathLike):
   """The config of a converted directory, validated for the model parts it holds."""
   from qv_jax.config import validate
   file = Path(directory) / CONFIG_FILE
   if not file.exists():
     raise FileNotFoundError(f"{file}: not a converted checkpoint directory (no {CONFIG_FILE})")
   parts = tuple(sorted({path.split("/")[0] for path in converted_params(directory)}))
-  return validate(ml_collections.ConfigDict(json.loads(file.read_text())), parts)
+  return validate(json.loads(file.read_text()), parts)
 
 
 def converted_params(directory: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -204,7 +204,7 @@ def _abstract(leaf) -> jax.ShapeDtypeStruct:
 
 
 def load_converted(directory: str | os.PathLike, target: Any = None, *, part: str | None = None,
-                   strict: bool = False) -> tuple[ml_collections.ConfigDict, Any]:
+                   strict: bool = False) -> tuple[Any, Any]:
   """Reads a `qv-convert` output: (config, params).
 
   target None: params is the nested dict of host numpy arrays, as stored (full-model paths).

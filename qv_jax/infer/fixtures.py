@@ -33,12 +33,13 @@ def make_workdir(directory: str, *, size: str = "tiny", seed: int = 0, step: int
   config.train.seed = seed
   for k, v in (compressor or {}).items():
     config.model.compressor[k] = v
-  validate(config)
-  params = nnx.to_pure_dict(nnx.state(Quicksviewer(config, rngs=nnx.Rngs(params=seed))))
+  config = validate(config)
+  params = nnx.to_pure_dict(nnx.state(Quicksviewer(config.model, max_seq_len=config.data.max_seq_len,
+                                                   rngs=nnx.Rngs(params=seed))))
   with ocp.StandardCheckpointer() as ck:
     ck.save(os.path.abspath(os.path.join(directory, "checkpoints", str(step), "params")), params)
   with open(os.path.join(directory, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+    f.write(config.to_json(indent=2))
   return directory
 
 

@@ -9,18 +9,18 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from qv_jax.config import validate
+from qv_jax.config import Config, validate
 from qv_jax.config.errors import ConfigError
 from qv_jax.config.mesh import LOGICAL_AXIS_RULES
 from qv_jax.layers.stack import unstack_layer_state
 from qv_jax.model.quicksviewer import Quicksviewer
 from qv_jax.sharding import axis_rules, make_mesh, state_shardings
 from qv_jax.train import checkpoint as ckpt
+from qv_jax.train.state import model_factory
 
 
 class CheckpointLoadError(ValueError):
@@ -31,7 +31,7 @@ class CheckpointLoadError(ValueError):
 class Model:
   """A loaded Quicksviewer: `graphdef` + `state` (params placed by `mesh` and the config's logical-axis
   rules), the validated `config`, the tokenizer and the ids generation needs."""
-  config: ml_collections.ConfigDict
+  config: Config
   graphdef: Any
   state: Any
   mesh: Mesh
@@ -79,11 +79,11 @@ class _Context:
 
 
 def _rules(config) -> tuple:
-  rules = config.get("sharding_rules", None) or LOGICAL_AXIS_RULES
+  rules = config.sharding_rules or LOGICAL_AXIS_RULES
   return tuple((str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)
 
 
-def _read_config(path: str) -> tuple[ml_collections.ConfigDict, str]:
+def _read_config(path: str) -> tuple[Config, str]:
   if not os.path.exists(path):
     raise CheckpointLoadError(f"checkpoint {path}: no such directory")
   if not os.path.isdir(path):
@@ -98,7 +98,7 @@ def _read_config(path: str) -> tuple[ml_collections.ConfigDict, str]:
   except json.JSONDecodeError as e:
     raise CheckpointLoadError(f"checkpoint {path}: config.json is not valid JSON ({e})") from None
   try:
-    config = validate(ml_collections.ConfigDict(raw))
+    config = validate(raw)
   except (ConfigError, KeyError, AttributeError, TypeError) as e:
     raise CheckpointLoadError(f"checkpoint {path}: config.json is not a valid qv-jax config: {e}") from None
   return config, ("converted" if ckpt.is_converted(path) else "workdir")
@@ -109,7 +109,7 @@ def default_mesh(config, devices=None) -> Mesh:
   when the device reports it), else the params over `fsdp` (and the batch over both)."""
   devices = list(devices or jax.local_devices())
   n = len(devices)
-  abstract = nnx.state(nnx.eval_shape(lambda: Quicksviewer(config, rngs=nnx.Rngs(0))))
+  abstract = nnx.state(nnx.eval_shape(model_factory(config)))
   param_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract))
   stats = devices[0].memory_stats() or {}
   limit = stats.get("bytes_limit")
@@ -119,11 +119,11 @@ def default_mesh(config, devices=None) -> Mesh:
 
 
 def _tokenizer_path(path: str, config, tokenizer) -> str:
-  for candidate in (tokenizer, os.path.join(path, "tokenizer.json"), config.data.get("tokenizer_path", "")):
+  for candidate in (tokenizer, os.path.join(path, "tokenizer.json"), config.data.tokenizer_path):
     if candidate and os.path.exists(candidate):
       return os.fspath(candidate)
   raise CheckpointLoadError(f"checkpoint {path}: no tokenizer (looked for {path}/tokenizer.json and the "
-                            f"config's data.tokenizer_path {config.data.get('tokenizer_path', '')!r}); pass "
+                            f"config's data.tokenizer_path {config.data.tokenizer_path!r}); pass "
                             "tokenizer=PATH (a local tokenizer.json)")
 
 
@@ -142,7 +142,8 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None
   if dtype is not None:
     if str(dtype) not in ("float32", "bfloat16", "float16"):
       raise CheckpointLoadError(f"dtype {dtype!r}; expected float32, bfloat16 or float16")
-    config.model.compute_dtype = config.model.param_dtype = str(dtype)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, compute_dtype=str(dtype),
+                                                                   param_dtype=str(dtype)))
   mesh = mesh or default_mesh(config)
   rules = _rules(config)
   from data_pipeline.tokenizer import bos_token_id, eos_token_id, load_tokenizer, pad_token_id
@@ -153,7 +154,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: str | None
                               f"decoder's vocab_size is {config.model.decoder.vocab_size}")
   step = None
   with jax.set_mesh(mesh), axis_rules(rules):
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Quicksviewer(config, rngs=nnx.Rngs(0))))
+    graphdef, abstract = nnx.split(nnx.eval_shape(model_factory(config)))
     shardings = state_shardings(abstract, mesh, rules)
     from qv_jax.train.state import abstract_like
     target = abstract_like(nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))

@@ -106,7 +106,7 @@ def prepare(model, batch: dict) -> Prepared:
     t0 = time.perf_counter()
     del device["frames"]
     f = features.shape[1]
-    bound = batch["input_ids"].shape[1] + visual_token_bound(model.config.model, f)
+    bound = batch["input_ids"].shape[1] + visual_token_bound(model.config.model.compressor, f)
     out = _compress(model.graphdef, model.state, features, device, max_seq_len=bound,
                     layer_params=model.layer_params)
     embeds, mask, positions, length, boundary, probs = jax.block_until_ready(out)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qv_jax.config.typed import DecoderConfig, expect
 from qv_jax.model.rope import apply_rope
 from qv_jax.parallel.context import context_size
 from qv_jax.parallel.ring_attention import allgather_attention, ring_attention, uses_ring
@@ -119,15 +120,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, k_valid
 class Attention(nnx.Module):
   """Qwen2 / Llama self-attention: q/k/v projections (bias for Qwen2), RoPE on q and k, GQA, o_proj."""
 
-  def __init__(self, cfg, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    expect(cfg, DecoderConfig, "Attention")
     d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    common = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
     self.q_proj = HeadProjection(d, h, hd, heads_axis="heads", use_bias=cfg.qkv_bias, **common)
     self.k_proj = HeadProjection(d, kv, hd, heads_axis="kv_heads", use_bias=cfg.qkv_bias, **common)
     self.v_proj = HeadProjection(d, kv, hd, heads_axis="kv_heads", use_bias=cfg.qkv_bias, **common)
     self.o_proj = OutProjection(h, hd, d, **common)
     self.impl, self.chunk = cfg.attention_impl, int(cfg.attention_chunk)
-    self.context_attention = cfg.get("context_attention", "auto")
+    self.context_attention = cfg.context_attention
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, k_valid: jax.Array,
                cache_kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | int = 0,

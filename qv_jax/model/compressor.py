@@ -1,6 +1,6 @@
 """The video compressor: cubing network + 3D resampler + thumbnail (SPEC §3-§4), as one NNX module.
 
-`Compressor(config.model, rngs=)(features [B, F, P, Dv], num_frames [B], key=, noise_weight=)` returns a
+`Compressor(config.model.compressor, rngs=)(features [B, F, P, Dv], num_frames [B], key=, noise_weight=)` returns a
 `CompressorOutput` with static shapes for the bucket F: Kmax = max_cubes(F) cube slots, of which the
 first k_b + 1 are real. Param tree (paths under `compressor/` in the whole model):
 
@@ -19,8 +19,6 @@ weights ẑ (straight-through) and the auxiliary term; the partition itself is n
 
 from __future__ import annotations
 
-import dataclasses
-
 import flax
 import jax
 import jax.numpy as jnp
@@ -28,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from qv_jax.config.model import validate_compressor
+from qv_jax.config.typed import CompressorConfig, expect
 from qv_jax.layers import Dense
 from qv_jax.model import gumbel
 from qv_jax.model.cubing import Cubing, aux_norm_loss, cube_partition, pool_tokens, thumbnail_features
@@ -36,7 +35,7 @@ from qv_jax.model.resampler import Resampler
 from qv_jax.parallel.context_cubing import global_frame_means
 from qv_jax.sharding import FRAME_AXES, constrain
 
-__all__ = ["Compressor", "CompressorOutput", "CompressorSettings", "check_inputs", "num_cubes",
+__all__ = ["Compressor", "CompressorOutput", "check_inputs", "num_cubes",
            "max_cubes", "gumbel_noise_weight"]
 
 
@@ -55,36 +54,7 @@ class CompressorOutput:
   diagnostics: dict | None = None      # kind-specific arrays (gate logits, frame scores, ...)
 
 
-@dataclasses.dataclass(frozen=True)
-class CompressorSettings:
-  """The static (hashable) part of `config.model.compressor` the module needs."""
-  vision_dim: int
-  embed_dim: int
-  num_heads: int
-  num_queries: int
-  grid_size: int
-  momentum_alpha: float
-  gumbel_tau: float
-  frames_per_cube: int
-  partition: str
-  resampler_impl: str
-  thumbnail_pool: int
-  token_chunk: int
-  save_scores: bool
-  mlp_layer_norm_eps: float
-  resampler_layer_norm_eps: float
-  pos_temperature: float
-
-  @classmethod
-  def from_config(cls, c) -> "CompressorSettings":
-    return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
-
-  @property
-  def tokens_per_frame(self) -> int:
-    return self.grid_size * self.grid_size
-
-
-def check_inputs(features, num_frames, settings: CompressorSettings | None = None) -> None:
+def check_inputs(features, num_frames, settings: CompressorConfig | None = None) -> None:
   """Host-side validation of concrete inputs before the jitted call; raises ValueError naming the
   field, the sample and the expected value. features [B, F, P, Dv]; num_frames [B] with 2 ≤ N_b ≤ F;
   the valid frames of every sample must be finite (padded frames are ignored)."""
@@ -113,7 +83,7 @@ def check_inputs(features, num_frames, settings: CompressorSettings | None = Non
                        f"(first at frame {frame})")
 
 
-def _check_static(shape, s: CompressorSettings) -> None:
+def _check_static(shape, s: CompressorConfig) -> None:
   if len(shape) != 4:
     raise ValueError(f"features: expected [B, F, P, Dv], got shape {shape}")
   _, f, p, dv = shape
@@ -130,18 +100,18 @@ def _is_concrete(*xs) -> bool:
 
 
 class Compressor(nnx.Module):
-  """Cubing + resampler + thumbnail. `model_config` is `config.model` (uses .compressor, .vision,
-  .compute_dtype, .param_dtype); a bad compressor config raises ConfigError naming the field.
-  The `cubing` kind of the registry (qv_jax/model/compressors/)."""
+  """Cubing + resampler + thumbnail over a validated `CompressorConfig` (`validate(config).model.compressor`,
+  kept as `settings`). The `cubing` kind of the registry (qv_jax/model/compressors/)."""
 
   needs_question = False
 
-  def __init__(self, model_config, *, rngs: nnx.Rngs):
-    validate_compressor(model_config.compressor, model_config.vision)
-    s = CompressorSettings.from_config(model_config.compressor)
+  def __init__(self, config: CompressorConfig, *, rngs: nnx.Rngs):
+    expect(config, CompressorConfig, type(self).__name__)
+    validate_compressor(config)
+    s = config
     self.settings = s
-    self.dtype = jnp.dtype(model_config.compute_dtype)
-    param_dtype = jnp.dtype(model_config.param_dtype)
+    self.dtype = jnp.dtype(s.dtype)
+    param_dtype = jnp.dtype(s.param_dtype)
     self.cubing = Cubing(s.vision_dim, alpha=s.momentum_alpha, layer_norm_eps=s.mlp_layer_norm_eps,
                          dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
     self.thumbnail = Dense(s.vision_dim, s.embed_dim, axes=("vision_embed", "embed"), dtype=self.dtype,

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qv_jax.config.typed import DecoderConfig, expect
 from qv_jax.layers import Dense, RMSNorm
 from qv_jax.layers.stack import scan_layers, stack_layers, unstack_layer_state
 from qv_jax.model.attention import Attention
@@ -92,10 +93,12 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-  def __init__(self, cfg, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    common = dict(param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    expect(cfg, DecoderConfig, "DecoderLayer")
+    dtype = jnp.dtype(cfg.dtype)
+    common = dict(param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
     self.input_layernorm = DecoderRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **common)
-    self.self_attn = Attention(cfg, dtype=dtype, **common)
+    self.self_attn = Attention(cfg, rngs=rngs)
     self.post_attention_layernorm = DecoderRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **common)
     self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, **common)
 
@@ -108,26 +111,26 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  """Qwen2 / Llama 3.x causal LM over `model_config.decoder`, computing in `model_config.compute_dtype`
-  with params in `model_config.param_dtype`. Logits, softmax and norms statistics are fp32."""
+  """Qwen2 / Llama 3.x causal LM over a `DecoderConfig` (`validate(config).model.decoder`), computing in
+  its `dtype` with params in its `param_dtype`. Logits, softmax and norms statistics are fp32."""
 
-  def __init__(self, model_config, *, rngs: nnx.Rngs):
-    cfg = model_config.decoder
-    self.dtype = jnp.dtype(model_config.compute_dtype)
-    param_dtype = jnp.dtype(model_config.param_dtype)
+  def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+    expect(cfg, DecoderConfig, "Decoder")
+    self.dtype = jnp.dtype(cfg.dtype)
+    param_dtype = jnp.dtype(cfg.param_dtype)
     self.num_layers, self.num_kv_heads, self.head_dim = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     self.vocab_size, self.tied = cfg.vocab_size, bool(cfg.tie_embeddings)
     scaling = cfg.rope_scaling
     self.rope = (cfg.head_dim, float(cfg.rope_theta),
-                 None if scaling is None else tuple(sorted(dict(scaling).items())))
+                 None if scaling is None else tuple(sorted(scaling.to_dict().items())))
     self.scan_layers = bool(cfg.scan_layers)
     self.remat_policy = cfg.remat_policy
-    self.context_attention = cfg.get("context_attention", "auto")
+    self.context_attention = cfg.context_attention
     common = dict(dtype=self.dtype, param_dtype=param_dtype)
 
     self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **common)
 
-    self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r, **common), cfg.num_layers, rngs)
+    self.layers = stack_layers(lambda r: DecoderLayer(cfg, rngs=r), cfg.num_layers, rngs)
 
     self.norm = DecoderRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.lm_head = (None if self.tied else

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qv_jax.batch import MODALITY_VIDEO, SLOT_KEYS, is_packed
+from qv_jax.config.typed import ModelConfig, expect
 from qv_jax.model import assembly
 from qv_jax.model.compressor import CompressorOutput
 from qv_jax.model.compressors.base import CompressorInputs
@@ -33,14 +34,15 @@ class ModelOutput:
 
 
 class Quicksviewer(nnx.Module):
-  """`Quicksviewer(config, rngs=)` with `config.model` (sizes, dtypes) and `config.data.max_seq_len`
-  (the static decoder length)."""
+  """`Quicksviewer(config.model, max_seq_len=config.data.max_seq_len, rngs=)` over a validated
+  `ModelConfig`; max_seq_len: the static merged decoder length."""
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
-    self.max_seq_len = int(config.data.max_seq_len)
-    self.vision_tower = SiglipVisionTower(config.model, rngs=rngs)
-    self.compressor = build_compressor(config.model, rngs=rngs)
-    self.decoder = Decoder(config.model, rngs=rngs)
+  def __init__(self, config: ModelConfig, *, max_seq_len: int, rngs: nnx.Rngs):
+    expect(config, ModelConfig, "Quicksviewer")
+    self.max_seq_len = int(max_seq_len)
+    self.vision_tower = SiglipVisionTower(config.vision, rngs=rngs)
+    self.compressor = build_compressor(config.compressor, rngs=rngs)
+    self.decoder = Decoder(config.decoder, rngs=rngs)
 
   def frame_features(self, frames: jax.Array) -> jax.Array:
     """frames [B, F, S, S, 3] uint8 (normalised chunk by chunk inside the tower) or float in [-1, 1]

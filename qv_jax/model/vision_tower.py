@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from qv_jax.config.typed import VisionConfig, expect
 from qv_jax.layers import Dense, LayerNorm
 from qv_jax.layers.stack import scan_layers, stack_layers
 from qv_jax.sharding import FRAME_AXES, _variable_pspec, axis_rules, constrain, logical_to_pspec, param
@@ -75,6 +76,11 @@ def interpolate_grid(tokens: jax.Array, grid_in: int, grid_out: int) -> jax.Arra
   x = jnp.einsum("oi,nijd->nojd", w, x)
   x = jnp.einsum("pj,nojd->nopd", w, x)
   return x.reshape(n, grid_out * grid_out, d).astype(tokens.dtype)
+
+
+def checkpoint_policy(name: str):
+  """The `jax.checkpoint` policy of a `REMAT_POLICIES` name; "nothing_saveable" is jax's default (None)."""
+  return None if name == "nothing_saveable" else getattr(jax.checkpoint_policies, name)
 
 
 class PatchEmbed(nnx.Module):
@@ -135,7 +141,9 @@ class SiglipMLP(nnx.Module):
 class SiglipEncoderLayer(nnx.Module):
   """Pre-LN: x + attn(LN1(x)), then x + mlp(LN2(x)). [N, T, Dv] -> [N, T, Dv]."""
 
-  def __init__(self, vision, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, vision: VisionConfig, *, rngs: nnx.Rngs):
+    expect(vision, VisionConfig, "SiglipEncoderLayer")
+    dtype, param_dtype = jnp.dtype(vision.dtype), jnp.dtype(vision.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ln = dict(eps=vision.layer_norm_eps, axis_name="vision_embed", param_dtype=param_dtype, rngs=rngs)
     self.layer_norm1 = LayerNorm(vision.hidden_size, **ln)
@@ -152,25 +160,25 @@ class SiglipEncoderLayer(nnx.Module):
 class SiglipVisionTower(nnx.Module):
   """SigLIP features per frame: `__call__(pixels [N, S, S, 3]) -> [N, grid_out², Dv]`.
 
-  model_config: `config.model` (uses `.vision`, `.compute_dtype`, `.param_dtype`).
+  config: a `VisionConfig` (`validate(config).model.vision`, with the model's dtypes).
   """
 
-  def __init__(self, model_config, *, rngs: nnx.Rngs):
-    v = model_config.vision
-    self.dtype = jnp.dtype(model_config.compute_dtype)
-    param_dtype = jnp.dtype(model_config.param_dtype)
+  def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs):
+    expect(config, VisionConfig, "SiglipVisionTower")
+    v = config
+    self.dtype = jnp.dtype(v.dtype)
+    param_dtype = jnp.dtype(v.param_dtype)
     self.image_size, self.grid_out = int(v.image_size), int(v.grid_out)
     self.grid_in = v.image_size // v.patch_size
-    self.frame_chunk, self.remat = int(v.frame_chunk), bool(v.remat)
-    self.gather_once = bool(v.get("gather_once", False))
+    self.frame_chunk, self.remat_policy = int(v.frame_chunk), v.remat_policy
+    self.gather_once = bool(v.gather_once)
     self.patch_embed = PatchEmbed(v.patch_size, v.hidden_size, dtype=self.dtype, param_dtype=param_dtype,
                                   rngs=rngs)
     self.position_embedding = param(nnx.initializers.normal(0.02), rngs.params(),
                                     (self.grid_in ** 2, v.hidden_size), ("tokens", "vision_embed"),
                                     param_dtype)
 
-    self.layers = stack_layers(
-        lambda r: SiglipEncoderLayer(v, dtype=self.dtype, param_dtype=param_dtype, rngs=r), v.num_layers, rngs)
+    self.layers = stack_layers(lambda r: SiglipEncoderLayer(v, rngs=r), v.num_layers, rngs)
 
   @property
   def num_tokens(self) -> int:
@@ -189,7 +197,8 @@ class SiglipVisionTower(nnx.Module):
     x = self.patch_embed(pixels)
     x = x + self.position_embedding.get_value().astype(self.dtype)
     step = lambda layer, h, _: (layer(h), None)  # noqa: E731
-    x, _ = scan_layers(self.layers, step, x, remat=self.remat, prevent_cse=False)
+    x, _ = scan_layers(self.layers, step, x, remat=self.remat_policy != "none",
+                       policy=checkpoint_policy(self.remat_policy), prevent_cse=False)
     return x
 
   def __call__(self, pixels: jax.Array) -> jax.Array:
@@ -200,7 +209,8 @@ class SiglipVisionTower(nnx.Module):
   def encode_frames(self, pixels: jax.Array) -> jax.Array:
     """[B, F, S, S, 3] -> [B, F, grid_out², Dv], `vision.frame_chunk` frames per sample at a time.
 
-    Chunks run in a `lax.map` (one chunk compiled once), each under remat when `vision.remat`, so the
+    Chunks run in a `lax.map` (one chunk compiled once), each under remat unless `vision.remat_policy` is
+    "none" (the default "nothing_saveable"), so the
     backward pass keeps only chunk outputs plus one chunk's per-layer inputs. uint8 pixels are
     normalised chunk by chunk (`normalize_pixels`); float pixels must already lie in [-1, 1].
     """
@@ -219,8 +229,8 @@ class SiglipVisionTower(nnx.Module):
       tower = nnx.merge(graphdef, state)
       return tower(x.reshape(-1, s, s, 3)).reshape(x.shape[0], chunk, self.num_tokens, -1)
 
-    if self.remat:
-      run = jax.checkpoint(run)
+    if self.remat_policy != "none":
+      run = jax.checkpoint(run, policy=checkpoint_policy(self.remat_policy))
     loop = lambda st, c: jax.lax.map(lambda x: run(st, x), c)  # noqa: E731
     out = _weights_gathered_once(loop, state, chunks) if self.gather_once else loop(state, chunks)
     out = out.swapaxes(0, 1).reshape(b, n * chunk, self.num_tokens, -1)[:, :f]

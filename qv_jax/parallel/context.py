@@ -27,13 +27,13 @@ def check_divisible(field: str, length: int, context: int) -> None:
 def check_config(config, mesh=None) -> None:
   """Frame buckets and data.max_seq_len must be multiples of the context size (static shapes); of twice
   it with `model.decoder.context_attention="ring"` (zig-zag chunks)."""
-  c = context_size(mesh) if mesh is not None else int(config.mesh.get(AXIS, 1))
+  c = context_size(mesh) if mesh is not None else int(config.mesh.context)
   if c <= 1:
     return
   for f in config.data.frame_buckets:
     check_divisible("data.frame_buckets", int(f), c)
   check_divisible("data.max_seq_len", int(config.data.max_seq_len), c)
   length = int(config.data.max_seq_len)
-  if config.model.decoder.get("context_attention", "allgather") == "ring" and length % (2 * c):
+  if config.model.decoder.context_attention == "ring" and length % (2 * c):
     raise ConfigError("data.max_seq_len", f"{length} is not divisible by 2 x the context axis size {c}, as "
                                           f"model.decoder.context_attention='ring' needs (zig-zag chunks)")

@@ -116,5 +116,5 @@ def plan_infer(config, target: Target, mesh_shape, step: str, *, new_tokens: int
   return dict(report, step=step, size=config.model.size, stage=int(config.train.stage), batch=b,
               frames=int(max(d.frame_buckets)), max_seq_len=int(d.max_seq_len),
               cache_slots=int(state.cache.k.shape[2]),
-              param_dtype=str(config.model.param_dtype), remat=bool(config.model.vision.remat),
+              param_dtype=str(config.model.param_dtype), remat=config.model.vision.remat_policy != "none",
               frame_chunk=int(config.model.vision.frame_chunk), compile_s=compile_s)

@@ -20,6 +20,11 @@ def rank(results: list[dict]) -> list[dict]:
   return sorted(ok, key=lambda r: r["roofline"]["step_s"])
 
 
+def _remat_policy(r: dict) -> str:
+  """The tower's remat policy of a plan row (rows before remat_policy carry the remat bool)."""
+  return r.get("remat_policy") or ("nothing_saveable" if r.get("remat", True) else "none")
+
+
 def train_command(r: dict) -> str:
   """The launch/tpu_pod.sh command that trains with this plan's mesh and shapes."""
   m = r["mesh"]
@@ -27,7 +32,7 @@ def train_command(r: dict) -> str:
     return (f"# serve {r['size']} on {r['topology']} with mesh data={m['data']} fsdp={m['fsdp']} "
             f"tensor={m['tensor']}, params in {r.get('param_dtype')}")
   extra = (f"--config.data.batch_size={r['batch']} --config.data.max_frames={r['frames']} "
-           f"--config.data.frame_buckets='({r['frames']},)' --config.model.vision.remat={r['remat']} "
+           f"--config.data.frame_buckets='({r['frames']},)' --config.model.vision.remat_policy={_remat_policy(r)} "
            f"--config.model.vision.frame_chunk={r['frame_chunk']}")
   if m.get("context", 1) != 1:
     extra += f" --config.mesh.context={m['context']}"

@@ -15,7 +15,9 @@ import jax
 import numpy as np
 
 from qv_jax.batch import is_packed
+from qv_jax.config import Config, validate
 from qv_jax.config.errors import ConfigError
+from qv_jax.config.mesh import MESH_AXES
 from qv_jax.plan import hlo
 from qv_jax.plan.roofline import axis_ici_bandwidth, roofline
 from qv_jax.plan.target import Target, target_mesh
@@ -27,34 +29,41 @@ from qv_jax.train.state import train_state_spec
 from qv_jax.train.step import make_train_step
 
 
-def apply_overrides(config, *, batch: int | None = None, frames: int | None = None, remat: bool | None = None,
-                    frame_chunk: int | None = None, mesh_shape=None, pack: int | None = None,
-                    seq_len: int | None = None):
-  """The config with the planner's overrides (in place; returned for chaining). `pack` P switches to the
-  packed layout (docs/packing.md) with P samples per row (1: sequence bucketing alone) and `seq_len` is then
-  its sequence bucket; without `pack`, `seq_len` is data.max_seq_len."""
+def apply_overrides(config, *, batch: int | None = None, frames: int | None = None,
+                    remat: bool | str | None = None, frame_chunk: int | None = None, mesh_shape=None,
+                    pack: int | None = None, seq_len: int | None = None, gather_once: bool | None = None,
+                    param_dtype: str | None = None) -> Config:
+  """The validated config with the planner's overrides (a new `Config`; None leaves a field as it is).
+  `remat`: the tower's `remat_policy` (a REMAT_POLICIES name; True / False: "nothing_saveable" / "none").
+  `pack` P switches to the packed layout (docs/packing.md) with P samples per row (1: sequence bucketing
+  alone) and `seq_len` is then its sequence bucket; without `pack`, `seq_len` is data.max_seq_len."""
+  config = validate(config)
+  data, vision, mesh, model = {}, {}, {}, {}
   if batch is not None:
-    config.data.batch_size = int(batch)
+    data["batch_size"] = int(batch)
   if frames is not None:
-    config.data.max_frames = int(frames)
-    config.data.frame_buckets = (int(frames),)
+    data.update(max_frames=int(frames), frame_buckets=(int(frames),))
   if remat is not None:
-    config.model.vision.remat = bool(remat)
+    vision["remat_policy"] = remat if isinstance(remat, str) else ("nothing_saveable" if remat else "none")
   if frame_chunk is not None:
-    config.model.vision.frame_chunk = int(frame_chunk)
+    vision["frame_chunk"] = int(frame_chunk)
+  if gather_once is not None:
+    vision["gather_once"] = bool(gather_once)
+  if param_dtype is not None:
+    model["param_dtype"] = str(param_dtype)
   if pack is not None:
-    config.data.pack_samples = int(pack)
     n = int(seq_len or max(tuple(config.data.seq_buckets) or (config.data.max_seq_len,)))
-    config.data.seq_buckets = (n,)
-    config.data.max_seq_len = max(int(config.data.max_seq_len), n)
+    data.update(pack_samples=int(pack), seq_buckets=(n,), max_seq_len=max(int(config.data.max_seq_len), n))
   elif seq_len is not None:
-    config.data.max_seq_len = int(seq_len)
+    data["max_seq_len"] = int(seq_len)
   if mesh_shape is not None:
     sizes = [int(s) for s in mesh_shape]
     if len(sizes) == 3:
       sizes.insert(2, 1)
-    config.mesh.data, config.mesh.fsdp, config.mesh.context, config.mesh.tensor = sizes
-  return config
+    mesh = dict(zip(MESH_AXES, sizes))
+  m = dataclasses.replace(config.model, vision=dataclasses.replace(config.model.vision, **vision), **model)
+  return validate(dataclasses.replace(config, model=m, data=dataclasses.replace(config.data, **data),
+                                      mesh=dataclasses.replace(config.mesh, **mesh)))
 
 
 def sharded_bytes(tree) -> float:
@@ -94,7 +103,7 @@ def _slice_mesh_shape(mesh, num_slices: int) -> tuple[int, ...]:
 def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
   """Checks the config against the target (one line on error), then compiles abstractly."""
   mesh = target_mesh(target, mesh_shape)
-  apply_overrides(config, mesh_shape=tuple(mesh.shape.values()))
+  config = apply_overrides(config, mesh_shape=tuple(mesh.shape.values()))
   check_config(config, mesh, groups=loading_groups(mesh)[0])   # hosts loading distinct rows
   rules = config.sharding_rules
   t0 = time.perf_counter()
@@ -160,9 +169,10 @@ def plan_train(config, target: Target, mesh_shape) -> dict:
   return dict(report, step="train", size=config.model.size, stage=int(config.train.stage),
               batch=int(d.batch_size), frames=int(max(d.frame_buckets)), max_seq_len=int(d.max_seq_len),
               seq_len=seq_len, pack_samples=int(d.pack_samples) if is_packed(info["batch"]) else 0,
-              remat=bool(config.model.vision.remat), frame_chunk=int(config.model.vision.frame_chunk),
-              gather_once=bool(config.model.vision.get("gather_once", False)), grad_accum=int(config.train.grad_accum), compile_s=sum(v for k, v in phases.items() if not k.endswith("_cpu_s")),
-              compile_phases_s=phases)
+              remat=config.model.vision.remat_policy != "none", remat_policy=config.model.vision.remat_policy,
+              frame_chunk=int(config.model.vision.frame_chunk), gather_once=bool(config.model.vision.gather_once),
+              grad_accum=int(config.train.grad_accum),
+              compile_s=sum(v for k, v in phases.items() if not k.endswith("_cpu_s")), compile_phases_s=phases)
 
 
 def plan_error(e: Exception) -> str:

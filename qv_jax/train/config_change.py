@@ -22,7 +22,7 @@ HARMLESS = frozenset({
     "train.workdir", "train.init_from", "train.compilation_cache_dir", "train.checkpoint_every",
     "train.keep_checkpoints", "train.async_checkpointing", "train.stop_at", "train.log_every",
     "train.tensorboard", "train.progress_bar", "train.allow_config_change", "train.ce_chunk",
-    "model.vision.frame_chunk", "model.vision.remat", "model.compressor.resampler_impl",
+    "model.vision.frame_chunk", "model.vision.remat_policy", "model.compressor.resampler_impl",
     "model.compressor.token_chunk", "model.compressor.save_scores", "model.decoder.remat_policy",
     "model.decoder.attention_impl", "model.decoder.attention_chunk", "model.decoder.context_attention",
     "data.num_workers", "data.prefetch", "data.read_threads", "data.read_buffer", "data.decode_threads",
@@ -41,7 +41,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def config_dict(config) -> dict:
-  return flatten(json.loads(config.to_json_best_effort()))
+  return flatten(json.loads(config.to_json()))
 
 
 def differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
@@ -69,7 +69,7 @@ def check_resume_config(config, workdir: str, resumed_step: int | None) -> None:
   """Refuses (ConfigError) a resume (`resumed_step` not None) whose config differs from the work
   directory's config.json in a field neither harmless nor allowed; logs the allowed differences."""
   current = config_dict(config)
-  allow = tuple(str(a) for a in config.train.get("allow_config_change", ()))
+  allow = tuple(str(a) for a in config.train.allow_config_change)
   check_allow_names(allow, current)
   path = os.path.join(workdir, "config.json")
   if resumed_step is None or not os.path.exists(path):
@@ -96,7 +96,7 @@ def check_resume_config(config, workdir: str, resumed_step: int | None) -> None:
 def write_config(config, workdir: str, resumed_step: int | None) -> None:
   """Writes config.json, keeping a different previous one as config.before-step-<S>.json."""
   path = os.path.join(workdir, "config.json")
-  text = config.to_json_best_effort(indent=2)
+  text = config.to_json(indent=2)
   if resumed_step is not None and os.path.exists(path):
     with open(path) as f:
       old = f.read()

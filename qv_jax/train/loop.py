@@ -61,7 +61,7 @@ class TrainSummary:
 def check_config(config, mesh, groups: int | None = None) -> None:
   """Static checks that must fail before anything compiles. `mesh` may be a topology's mesh and `groups`
   its loading groups (default: `loading_groups(mesh)`: hosts holding the same batch rows load together)."""
-  validate(config)
+  config = validate(config)
   validate_train_against(config)
   n_groups = loading_groups(mesh)[0] if groups is None else int(groups)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -200,7 +200,7 @@ def train(config, *, workdir: str | None = None,
   require(bool(workdir), "train.workdir", "a work directory is required")
   require(not os.path.exists(workdir) or os.path.isdir(workdir), "train.workdir",
           f"{workdir} exists and is not a directory")
-  validate(config)                       # before the mesh: mesh.data=0 is a config error, not a device count
+  config = validate(config)              # before the mesh: mesh.data=0 is a config error, not a device count
   mesh = make_mesh(config.mesh, devices)
   check_config(config, mesh)
   rules = config.sharding_rules

@@ -44,7 +44,7 @@ class StateSpec:
 
 def model_factory(config) -> Callable[[], Quicksviewer]:
   seed = int(config.train.seed)
-  return lambda: Quicksviewer(config, rngs=nnx.Rngs(params=seed))
+  return lambda: Quicksviewer(config.model, max_seq_len=config.data.max_seq_len, rngs=nnx.Rngs(params=seed))
 
 
 def merge_trees(a: dict, b: dict) -> dict:

@@ -56,7 +56,7 @@ def make_train_step(graphdef, config, tx: optax.GradientTransformation):
   """-> step(state, batch) -> (state, metrics), to be jitted by the caller (with shardings, donation).
   A `score_gating` compressor with `train.score_rollouts` > 0 trains its policy by RL (train/score_rl.py)."""
   t = config.train
-  if config.model.compressor.get("kind") == "score_gating" and int(t.get("score_rollouts", 0)) > 0:
+  if config.model.compressor.kind == "score_gating" and int(t.score_rollouts) > 0:
     from qv_jax.train.score_rl import make_score_train_step
     return make_score_train_step(graphdef, config, tx)
   accum = int(t.grad_accum)

@@ -22,7 +22,7 @@ Output: `qv_jax.model.compressor.CompressorOutput`, read by `assembly.plan_seque
   logits [B, F-1, 2], logit_mask, aux_loss   the cubing auxiliary term (zeros / False / 0 for other kinds)
   diagnostics                      kind-specific arrays (never read by the assembly)
 
-Adding a compressor: a module with a class built as `Cls(model_config, rngs=)` exposing `encode(inputs)`,
+Adding a compressor: a module with a class built as `Cls(CompressorConfig, rngs=)` exposing `encode(inputs)`,
 `encode_images(features)` and `needs_question`, plus one line in `registry.KINDS`.
 """
 

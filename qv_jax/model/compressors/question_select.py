@@ -115,9 +115,10 @@ def frame_attention_scores(decoder, frame_embeds, frame_valid_, question: Questi
   return jnp.where(frame_valid_, jax.lax.stop_gradient(scores), -jnp.inf)
 
 
-def selected_layers(model_config) -> tuple[int, ...]:
-  n = int(model_config.decoder.num_layers)
-  layers = tuple(int(i) for i in model_config.compressor.select_layers) or (n // 2,)
+def selected_layers(c) -> tuple[int, ...]:
+  """The decoder layers scored; c: a `CompressorConfig` (its `decoder_layers` set by `ModelConfig`)."""
+  n = int(c.decoder_layers)
+  layers = tuple(int(i) for i in c.select_layers) or (n // 2,)
   for i in layers:
     if not 0 <= i < n:
       raise ValueError(f"model.compressor.select_layers: layer {i} outside the decoder's 0..{n - 1}")
@@ -142,10 +143,10 @@ class QuestionSelect(Compressor):
 
   needs_question = True
 
-  def __init__(self, model_config, *, rngs: nnx.Rngs):
-    super().__init__(model_config, rngs=rngs)
-    c = model_config.compressor
-    self.layers = selected_layers(model_config)
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    super().__init__(config, rngs=rngs)
+    c = config
+    self.layers = selected_layers(c)
     self.select_frames, self.segment_frames = int(c.select_frames), int(c.segment_frames)
     self.select_tokens, self.question_len = str(c.select_tokens), int(c.question_len)
 

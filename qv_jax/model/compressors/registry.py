@@ -21,8 +21,8 @@ SELECT_TOKENS = ("pooled", "cubes")
 
 
 def compressor_kind(c) -> str:
-  """`model.compressor.kind`, "cubing" for configs written before the registry."""
-  return str(c.get("kind", "cubing"))
+  """`model.compressor.kind` ("cubing" for configs written before the registry: the typed default)."""
+  return str(c.kind)
 
 
 def validate_kind(c) -> None:
@@ -34,7 +34,7 @@ def validate_kind(c) -> None:
     require(int(c.policy_hidden) > 0, f"{f}.policy_hidden", f"must be positive, got {c.policy_hidden}")
   if kind == "question_select":
     for name in ("select_frames", "segment_frames", "question_len"):
-      require(int(c[name]) > 0, f"{f}.{name}", f"must be positive, got {c[name]}")
+      require(int(getattr(c, name)) > 0, f"{f}.{name}", f"must be positive, got {getattr(c, name)}")
     require(c.select_tokens in SELECT_TOKENS, f"{f}.select_tokens",
             f"{c.select_tokens!r}; expected one of {SELECT_TOKENS}")
 
@@ -45,15 +45,15 @@ def compressor_class(kind: str):
   return getattr(importlib.import_module(module), name)
 
 
-def build_compressor(model_config, *, rngs):
-  """The compressor module of `model_config.compressor.kind`."""
-  return compressor_class(compressor_kind(model_config.compressor))(model_config, rngs=rngs)
+def build_compressor(config, *, rngs):
+  """The compressor module of `config.kind` (a `CompressorConfig`)."""
+  return compressor_class(compressor_kind(config))(config, rngs=rngs)
 
 
-def visual_token_bound(model_config, num_frames: int) -> int:
-  """The most visual tokens one video of the bucket F puts in the prompt at inference (η = 0)."""
+def visual_token_bound(c, num_frames: int) -> int:
+  """The most visual tokens one video of the bucket F puts in the prompt at inference (η = 0);
+  c: a `CompressorConfig`."""
   from qv_jax.model.gumbel import max_cubes
-  c = model_config.compressor
   kind = compressor_kind(c)
   cubes = (int(c.grid_size) ** 2) // int(c.thumbnail_pool) + max_cubes(num_frames, int(c.frames_per_cube)) \
       * int(c.num_queries)

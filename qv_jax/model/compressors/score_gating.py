@@ -64,12 +64,12 @@ class GatePolicy(nnx.Module):
 class ScoreGating(Compressor):
   """The cubing module's params (its resampler makes the per-frame tokens) plus `policy/...`."""
 
-  def __init__(self, model_config, *, rngs: nnx.Rngs):
-    super().__init__(model_config, rngs=rngs)
-    c = model_config.compressor
+  def __init__(self, config, *, rngs: nnx.Rngs):
+    super().__init__(config, rngs=rngs)
+    c = config
     self.keep_ratio = float(c.keep_ratio)
     self.policy = GatePolicy(c.embed_dim, int(c.policy_hidden), eps=float(c.mlp_layer_norm_eps),
-                             dtype=self.dtype, param_dtype=jnp.dtype(model_config.param_dtype), rngs=rngs)
+                             dtype=self.dtype, param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
 
   def gate(self, features: jax.Array, num_frames) -> tuple[jax.Array, jax.Array, jax.Array]:
     """-> (tokens [B, F, Q, D], keep logits [B, F, Q] fp32, valid [B, F, Q] bool)."""

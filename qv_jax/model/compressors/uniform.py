@@ -12,6 +12,6 @@ from qv_jax.model.compressor import Compressor
 
 class UniformCubes(Compressor):
 
-  def __init__(self, model_config, *, rngs):
-    super().__init__(model_config, rngs=rngs)
+  def __init__(self, config, *, rngs):
+    super().__init__(config, rngs=rngs)
     self.settings = dataclasses.replace(self.settings, partition="uniform")
