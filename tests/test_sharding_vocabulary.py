@@ -12,6 +12,7 @@ from flax import nnx
 from configs.quicksviewer import get_config
 from context_util import long_video_config
 from qv_jax import sharding
+from qv_jax.config import validate
 from qv_jax.config.mesh import ACTIVATION_AXIS_RULES, LOGICAL_AXIS_RULES, WEIGHT_AXIS_RULES
 from qv_jax.model.compressors.registry import KINDS
 from qv_jax.model.decoder import Decoder
@@ -38,7 +39,9 @@ def _param_names() -> set:
   for kind in KINDS:
     c = get_config("size=tiny,stage=1")
     c.model.compressor.kind = kind
-    state = nnx.state(nnx.eval_shape(lambda c=c: Quicksviewer(c, rngs=nnx.Rngs(0))))
+    c = validate(c)
+    state = nnx.state(nnx.eval_shape(lambda c=c: Quicksviewer(c.model, max_seq_len=c.data.max_seq_len,
+                                                             rngs=nnx.Rngs(0))))
     for _, var in nnx.to_flat_state(state):
       names.update(a for a in var.get_metadata().get("logical_axes") or () if a is not None)
   return names
@@ -77,6 +80,7 @@ def _trace_train_step(sizes: dict):
       tiny_config(1, batch_size=8)
   for axis, size in sizes.items():
     c.mesh[axis] = size
+  c = validate(c)
   mesh = sharding.make_mesh(c.mesh)
   with jax.set_mesh(mesh), sharding.axis_rules(c.sharding_rules):
     state, spec = train_state_spec(c, mesh)
@@ -87,10 +91,10 @@ def _trace_train_step(sizes: dict):
 
 
 def _trace_decode(sizes: dict):
-  c = get_config("size=tiny,stage=1")
+  c = validate(get_config("size=tiny,stage=1"))
   mesh = sharding.make_mesh(sizes)
   with jax.set_mesh(mesh), sharding.axis_rules(c.sharding_rules):
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c.model, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(c.model.decoder, rngs=nnx.Rngs(0))))
     yield
 
     def decode(state):
@@ -160,8 +164,8 @@ def test_activation_sharding_changes_without_touching_the_weights():
   """Sequence parallelism as a rules change: `activation_embed` over tensor, the weights as they were."""
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, context=1, tensor=2))
   rules = tuple((n, "tensor" if n == "activation_embed" else r) for n, r in LOGICAL_AXIS_RULES)
-  c = get_config("size=tiny,stage=1")
-  state = nnx.state(nnx.eval_shape(lambda: Decoder(c.model, rngs=nnx.Rngs(0))))
+  c = validate(get_config("size=tiny,stage=1"))
+  state = nnx.state(nnx.eval_shape(lambda: Decoder(c.model.decoder, rngs=nnx.Rngs(0))))
   specs = lambda r: [s.spec for s in jax.tree.leaves(sharding.state_shardings(state, mesh, r))]  # noqa: E731
   assert specs(rules) == specs(LOGICAL_AXIS_RULES)
   assert sharding.logical_to_pspec(sharding.HIDDEN_AXES, rules, mesh, (8, 16, 64))[2] == "tensor"
