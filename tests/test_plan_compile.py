@@ -2,7 +2,6 @@
 with the abstract state, whose shardings are the ones the CPU trainer builds. Each compile takes about a
 minute on 2 cores, hence `slow`."""
 
-import math
 import re
 import subprocess
 
@@ -12,7 +11,7 @@ import pytest
 
 from configs.quicksviewer import get_config
 from qv_jax.plan.target import load_target, target_mesh
-from qv_jax.plan.train_plan import apply_overrides, compile_for_target, plan_train, sharded_bytes
+from qv_jax.plan.train_plan import apply_overrides, plan_train, sharded_bytes
 from qv_jax.sharding import make_mesh
 from qv_jax.train.loop import enable_compilation_cache
 from qv_jax.train.state import create_train_state, train_state_spec

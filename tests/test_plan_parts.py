@@ -1,7 +1,6 @@
 """The planner's parts without a TPU compile: the HLO collective parser on hand-built programs, the roofline
 on hand-worked numbers, mesh candidates and ranking, the abstract optimizer shardings, bad input."""
 
-import math
 import subprocess
 import sys
 

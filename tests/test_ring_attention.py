@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from configs.quicksviewer import get_config
 from qv_jax.config import ConfigError, validate
