@@ -24,14 +24,26 @@ COLAB = ("v5e:1x1", "v5e:2x2", "v5e:2x4", "v6e:1x1", "v6e:2x2", "v6e:2x4")   # v
 FRAMES = 420
 # Fixed-mesh rows: one long video spread over chips with the context axis (issue #11: batch 16 cannot
 # split over 128 chips by batch alone; 420 frames divide by context 4), and the packed layout (#15: one
-# 420-frame video per row in a 7168 bucket, the image part of the stage-3 mix in a 2048 bucket).
+# 420-frame video per row in a 7168 bucket, the image part of the stage-3 mix in a 2048 bucket; `padded`, the
+# same batch padded to max_seq_len 16384 as before packing), and what a 16 GiB v5e chip needs to hold one
+# 420-frame video (`one-video`: a video per chip or per 2 chips, the preset or `configs/lowmem.py`).
+LOWMEM = "configs/lowmem.py"
 EXTRA = (
     dict(size="qwen2_7b", topology="v5p:4x4x8", batch=16, scaling="context", mesh="1,16,4,2"),
     dict(size="qwen2_7b", topology="v5e:16x16", batch=16, scaling="context", mesh="1,16,4,4"),
     dict(size="qwen2_7b", topology="v5p:4x4x4", batch=64, scaling="packed", mesh="1,64,1", pack=1, seq_len=7168),
     dict(size="qwen2_7b", topology="v5p:4x4x4", batch=64, scaling="packed", mesh="1,64,1", pack=4, seq_len=2048,
          frames=5),
+    dict(size="qwen2_7b", topology="v5p:4x4x4", batch=64, scaling="padded", mesh="1,64,1"),
+    dict(size="qwen2_7b", topology="v5e:8x8", batch=64, scaling="one-video", mesh="1,64,1", pack=1, seq_len=7168),
+    dict(size="qwen2_7b", topology="v5e:8x8", batch=64, scaling="one-video", mesh="1,64,1", pack=1, seq_len=7168,
+         config=LOWMEM),
+    dict(size="qwen2_7b", topology="v5e:8x8", batch=32, scaling="one-video", mesh="1,32,1,2", pack=1, seq_len=7168),
+    dict(size="qwen2_7b", topology="v5e:8x8", batch=32, scaling="one-video", mesh="1,32,2,1", pack=1, seq_len=7168),
+    dict(size="qwen2_7b", topology="v5e:8x8", batch=32, scaling="one-video", mesh="1,32,2,1", pack=1, seq_len=7168,
+         config=LOWMEM),
 )
+SCALINGS = ("weak", "strong", "inference", "context", "packed", "padded", "one-video")
 STRONG_BATCH = 64
 OUT = "docs/scaling"
 
@@ -60,12 +72,13 @@ def row_path(r: dict) -> str:
   step = r.get("step", "train")
   extra = "".join(f"_{k}{r[k]}" for k in ("pack", "seq_len", "frames") if k in r)
   extra += f"_m{r['mesh'].replace(',', 'x')}" if "mesh" in r else ""
+  extra += f"_{os.path.splitext(os.path.basename(r['config']))[0]}" if "config" in r else ""
   return os.path.join(OUT, f"{r['size']}_{r['topology'].replace(':', '-')}_b{r['batch']}_{step}{extra}.json")
 
 
 def run_row(r: dict, args) -> dict:
   from launch import plan
-  argv = ["--config", f"configs/quicksviewer.py:size={r['size']},stage=3", "--topology", r["topology"],
+  argv = ["--config", f"{r.get('config', 'configs/quicksviewer.py')}:size={r['size']},stage=3", "--topology", r["topology"],
           "--mesh", r.get("mesh", "auto"), "--batch", str(r["batch"]), "--frames", str(r.get("frames", FRAMES)),
           "--max-candidates", str(args.max_candidates), "--jobs", str(args.jobs), "--out", "/tmp/qv_plan_study",
           "--step", r.get("step", "train")]
@@ -84,7 +97,7 @@ def run_row(r: dict, args) -> dict:
 
 def _matches(r: dict, spec: str) -> bool:
   parts = spec.split(":")
-  scaling = parts.pop() if parts[-1] in ("weak", "strong", "inference", "context", "packed") else None
+  scaling = parts.pop() if parts[-1] in SCALINGS else None
   size, target = parts[0], ":".join(parts[1:])
   return (r["size"] == size and r["topology"].startswith(target)
           and (scaling is None or r["scaling"] == scaling))

@@ -79,6 +79,11 @@ def _flops_tables(out_dir: str) -> list[str]:
   return lines
 
 
+def _scaling(r: dict) -> str:
+  """The row's scaling, with its experiment config when not the preset (`one-video, lowmem.py`)."""
+  return r["scaling"] + (f", {os.path.basename(r['config'])}" if "config" in r else "")
+
+
 def render(rows, row_path, out_dir: str) -> None:
   loaded = [(r, _load(row_path(r))) for r in rows]
   done = [(r, d) for r, d in loaded if d is not None]
@@ -88,7 +93,7 @@ def render(rows, row_path, out_dir: str) -> None:
            "| size | target | batch | scaling | status | meshes | best mesh | memory/chip | step | MFU | tokens/s/chip | "
            "compile per mesh |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r, d in loaded:
-    head = f"| {r['size']} | {r['topology']} | {r['batch']} | {r['scaling']} |"
+    head = f"| {r['size']} | {r['topology']} | {r['batch']} | {_scaling(r)} |"
     if d is None:
       lines.append(head + " to run | | | | | | | |")
       continue
@@ -113,7 +118,7 @@ def render(rows, row_path, out_dir: str) -> None:
     plans = d.get("plans", [])
     if not plans:
       continue
-    lines += [f"### {r['size']} on {r['topology']}, batch {r['batch']} ({r['scaling']})", "", report.HEADER]
+    lines += [f"### {r['size']} on {r['topology']}, batch {r['batch']} ({_scaling(r)})", "", report.HEADER]
     ranked = report.rank(plans)
     lines += [report.row(p) for p in ranked[:3]]
     lines += [report.row(p) for p in plans if p not in ranked]
@@ -139,7 +144,7 @@ def _plot(done, path: str) -> None:
   series = {}
   for r, d in done:
     ranked = report.rank(d.get("plans", []))
-    if ranked and r["scaling"] != "inference":
+    if ranked and r["scaling"] not in ("inference", "padded", "one-video"):
       key = (r["size"], r["topology"].split(":")[0], r["scaling"])
       series.setdefault(key, []).append((ranked[0]["chips"], ranked[0]))
   for key, pts in sorted(series.items()):

@@ -78,6 +78,9 @@ def test_train_step_compiles_for_topology(size, topology):
   roof = report["roofline"]
   assert roof["step_s"] > 0 and 0 < roof["mfu"] < 1 and report["compile_s"] > 0
   assert report["flops_per_chip"]["jaxpr_matmul"] > 0
+  phases = report["compile_phases_s"]   # wall seconds per phase, and XLA's CPU seconds beside them
+  assert phases["xla_compile_cpu_s"] > 0
+  assert report["compile_s"] == pytest.approx(sum(v for k, v in phases.items() if k != "xla_compile_cpu_s"))
 
 
 def test_one_compile_function():

@@ -259,3 +259,28 @@ def test_jaxpr_flops_count_every_device_of_a_shard_map():
   x, w = jax.ShapeDtypeStruct((64, 16), jnp.float32), jax.ShapeDtypeStruct((16, 4), jnp.float32)
   sm = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P(("a", "b")), P()), out_specs=P(("a", "b")))
   assert matmul_flops(sm, x, w) == matmul_flops(lambda x, w: x @ w, x, w) == 2 * 64 * 16 * 4
+
+
+def test_compile_failure_keeps_xla_detail():
+  """A failed compile: one line in `error`, the rest of XLA's message (e.g. its largest allocations) kept."""
+  from qv_jax.plan.train_plan import error_detail, plan_error
+  e = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in HBM\n\n  Largest program allocations:\n"
+                   "  1. Size: 2.1G\n")
+  assert plan_error(e) == "RuntimeError: RESOURCE_EXHAUSTED: Ran out of memory in HBM"
+  assert error_detail(e) == ["  Largest program allocations:", "  1. Size: 2.1G"]
+  assert error_detail(RuntimeError("one line")) == []
+  assert len(error_detail(RuntimeError("x\n" + "\n".join(["y"] * 100)), max_lines=5)) == 5
+
+
+def test_study_rows_with_an_experiment_config():
+  """Study rows may name an experiment config (configs/lowmem.py); each row has a file of its own."""
+  from launch import plan, plan_study
+  from qv_jax.config import validate
+  rows = plan_study.rows()
+  assert len({plan_study.row_path(r) for r in rows}) == len(rows)
+  lowmem = [r for r in rows if r.get("config")]
+  assert lowmem and all(plan_study.row_path(r).endswith("_lowmem.json") for r in lowmem)
+  assert plan_study._matches(lowmem[0], "qwen2_7b:v5e:8x8:one-video")
+  assert not plan_study._matches(lowmem[0], "qwen2_7b:v5e:8x8:weak")
+  c = validate(plan.load_config(f"{plan_study.LOWMEM}:size=qwen2_7b,stage=3"))
+  assert c.model.compressor.save_scores is False and c.train.ce_chunk == 512
