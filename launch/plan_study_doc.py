@@ -79,6 +79,17 @@ def _flops_tables(out_dir: str) -> list[str]:
   return lines
 
 
+def _why_not(plans: list) -> str:
+  """Why no mesh of a row fits: the smallest compiled footprint, else the first compile error."""
+  sized = [p for p in plans if "memory_per_chip" in p]
+  if sized:
+    p = min(sized, key=lambda p: p["memory_per_chip"]["total_bytes"])
+    m = p["memory_per_chip"]
+    return f"does not fit: {report._mesh(p)} needs {m['total_bytes'] / GIB:.1f} / {m['hbm_bytes'] / GIB:.0f} GiB"
+  errors = [p["error"] for p in plans if p.get("error")]
+  return errors[0] if errors else "no candidate mesh fits"
+
+
 def _scaling(r: dict) -> str:
   """The row's scaling, with its experiment config when not the preset (`one-video, lowmem.py`)."""
   return r["scaling"] + (f", {os.path.basename(r['config'])}" if "config" in r else "")
@@ -102,7 +113,7 @@ def render(rows, row_path, out_dir: str) -> None:
     ctime = f"{min(compiles):.0f}-{max(compiles):.0f} s" if compiles else ""
     tried = len(d.get("plans", []))
     if not ranked:
-      why = d.get("error") or "no candidate mesh fits"
+      why = d.get("error") or _why_not(d.get("plans", []))
       lines.append(head + f" computed: {why} | {tried} | | | | | | {ctime} |")
       continue
     b = ranked[0]

@@ -79,8 +79,9 @@ def interpolate_grid(tokens: jax.Array, grid_in: int, grid_out: int) -> jax.Arra
 
 
 def checkpoint_policy(name: str):
-  """The `jax.checkpoint` policy of a `REMAT_POLICIES` name; "nothing_saveable" is jax's default (None)."""
-  return None if name == "nothing_saveable" else getattr(jax.checkpoint_policies, name)
+  """The `jax.checkpoint` policy of a `REMAT_POLICIES` name; "nothing_saveable" is jax's default (None), and
+  "none" (no rematerialisation, so no policy) is None too."""
+  return None if name in ("nothing_saveable", "none") else getattr(jax.checkpoint_policies, name)
 
 
 class PatchEmbed(nnx.Module):
