@@ -87,7 +87,8 @@ def _hf_and_ours(size_args):
   import torch
   import transformers
   from flax import nnx
-  from qv_jax.convert.decoder_map import convert_decoder, decoder_config_from_hf
+  from qv_jax.convert.derive_config import decoder_config_from_hf
+  from qv_jax.convert.parts import convert_decoder
   from qv_jax.convert.writer import nest
   from qv_jax.model.decoder import Decoder
   cfg = transformers.Qwen2Config(**size_args, rms_norm_eps=1e-6, tie_word_embeddings=True,

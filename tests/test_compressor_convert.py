@@ -13,8 +13,9 @@ from torch import nn
 
 from configs.quicksviewer import get_config
 from qv_jax.config import validate
-from qv_jax.convert.compressor_map import COMPRESSOR_TABLE, convert_compressor
+from qv_jax.convert.compressor_map import COMPRESSOR_TABLE
 from qv_jax.convert.mapping import MappingError, load_into
+from qv_jax.convert.parts import convert_compressor
 from qv_jax.model.compressor import Compressor
 
 

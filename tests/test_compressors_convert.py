@@ -10,8 +10,8 @@ from flax import nnx
 from configs.quicksviewer import get_config
 from qv_jax.config import validate
 from qv_jax.convert.compressor_map import kind_only_shapes
-from qv_jax.convert.quicksviewer_map import convert_tensors
 from qv_jax.convert.readers import SafetensorsReader
+from qv_jax.convert.stream import convert_tensors
 from qv_jax.convert.writer import ParamWriter, flatten, load_converted, write_metadata
 from qv_jax.model.compressors.registry import KINDS, build_compressor
 from qv_jax.model.quicksviewer import Quicksviewer

@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 
 from configs.quicksviewer import get_config
 from qv_jax.convert.cli import convert, main
+from qv_jax.convert.layouts import detect_layout
 from qv_jax.convert.mapping import MappingError
-from qv_jax.convert.quicksviewer_map import detect_layout, resize_vocab_rows
+from qv_jax.convert.vocab import resize_vocab_rows
 from qv_jax.convert.writer import converted_params, load_converted
 from qv_jax.model.vision_tower import SiglipVisionTower
 

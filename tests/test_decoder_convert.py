@@ -8,9 +8,10 @@ import pytest
 from configs.quicksviewer import get_config
 from qv_jax.config import ConfigError, validate
 from qv_jax.config.model import decoder_defaults
-from qv_jax.convert.decoder_map import (convert_decoder, decoder_config_from_hf, decoder_ignore, decoder_table,
-                                        expected_decoder_shapes)
+from qv_jax.convert.decoder_map import decoder_ignore, decoder_table, expected_decoder_shapes
+from qv_jax.convert.derive_config import decoder_config_from_hf
 from qv_jax.convert.mapping import MappingError, apply_table, with_prefix
+from qv_jax.convert.parts import convert_decoder
 
 # config.json of the released checkpoints (old transformers layout), abridged to the fields read.
 QWEN25_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",

@@ -17,8 +17,9 @@ import torch
 import transformers
 from flax import nnx
 
-from qv_jax.convert.decoder_map import convert_decoder, decoder_config_from_hf
+from qv_jax.convert.derive_config import decoder_config_from_hf
 from qv_jax.convert.mapping import load_into
+from qv_jax.convert.parts import convert_decoder
 from qv_jax.model.decoder import Decoder
 
 LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

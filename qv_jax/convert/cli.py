@@ -24,10 +24,12 @@ from typing import Sequence
 import numpy as np
 
 from qv_jax.config import ConfigError
+from qv_jax.convert.derive_config import derive_config
+from qv_jax.convert.layouts import converted_parts, detect_layout
 from qv_jax.convert.mapping import MappingError
-from qv_jax.convert.quicksviewer_map import (LAYOUTS, ConversionReport, convert_tensors, converted_parts,
-                                             derive_config, detect_layout)
+from qv_jax.convert.quicksviewer_map import LAYOUTS
 from qv_jax.convert.readers import CheckpointReadError, SafetensorsReader, read_config_json
+from qv_jax.convert.stream import ConversionReport, convert_tensors
 from qv_jax.convert.writer import (CONFIG_FILE, PARAMS_DIR, REPORT_FILE, ParamWriter, converted_params,
                                    flatten, load_converted, read_config, write_metadata)
 

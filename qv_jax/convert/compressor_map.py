@@ -2,7 +2,7 @@
 
 The table is keyed to `Compressor` (the `cubing` kind); every registry kind keeps that tree under
 `compressor/`, and params a kind adds (`score_gating`'s `policy/...`) have no reference source: they are
-`kind_only_shapes`, written from the kind's initialisation (`initialised_params`) and reported as
+`kind_only_shapes`, written from the kind's initialisation (`parts.initialised_params`) and reported as
 "initialised, not in the checkpoint".
 
 Sources are the reference state-dict names without the leading `model.` (SPEC §8); targets are paths
@@ -10,15 +10,14 @@ relative to the Compressor module (`compressor/...` in the whole model, via `wit
 weights (out, in) are transposed to kernels (in, out); MultiheadAttention's packed in_proj is split in
 thirds (q, k, v) and each third transposed; `proj` is right-multiplied in the reference and kept as is;
 LayerNorm weight/bias become scale/bias. The 3D sincos table is recomputed, never loaded.
+
+Tables only: `parts.convert_compressor` applies the table in memory (dims read off the tensors by
+`derive_config.compressor_config_from_tensors` when no config is given).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
-
-import numpy as np
-
-from qv_jax.convert.mapping import apply_table, compose, rule, split_thirds, transpose
+from qv_jax.convert.mapping import compose, rule, split_thirds, transpose
 
 _LN = r"(?P<ln>ln_q|ln_kv|ln_post)"
 
@@ -70,58 +69,3 @@ def kind_only_shapes(model_config) -> dict[str, tuple[int, ...]]:
   """{path: shape} of the params the configured kind adds to `Compressor` (no reference source)."""
   ref = reference_shapes(model_config)
   return {p: s for p, s in compressor_param_shapes(model_config).items() if p not in ref}
-
-
-def initialised_params(model_config, seed: int = 0) -> dict[str, np.ndarray]:
-  """{path: array} of `kind_only_shapes` at the kind's initialisation (`nnx.Rngs(seed)`); jitted, so the
-  params the reference provides are never materialised."""
-  import jax
-  from flax import nnx
-
-  from qv_jax.convert.writer import flatten
-  from qv_jax.model.compressors.registry import build_compressor
-  paths = sorted(kind_only_shapes(model_config))
-  if not paths:
-    return {}
-
-  @jax.jit
-  def init():
-    flat = flatten(nnx.to_pure_dict(nnx.state(build_compressor(model_config.compressor, rngs=nnx.Rngs(seed)))))
-    return {p: flat[p] for p in paths}
-  return {p: np.asarray(v) for p, v in init().items()}
-
-
-def _config_from_tensors(names: Mapping[str, str], tensors: Mapping[str, np.ndarray]):
-  """A validated `ModelConfig` whose compressor dims (Dv, D, Q) are read from the kv_proj and query
-  tensors."""
-  import dataclasses
-
-  from qv_jax.config import get_config, validate
-  from qv_jax.config.model import validate_compressor
-  from qv_jax.convert.mapping import MappingError
-  missing = [n for n in ("vision_resampler.kv_proj.weight", "vision_resampler.query") if n not in names]
-  if missing:
-    raise MappingError(f"cannot infer the compressor dims: missing {missing}; pass model_config")
-  d, dv = np.shape(tensors[names["vision_resampler.kv_proj.weight"]])
-  q = np.shape(tensors[names["vision_resampler.query"]])[0]
-  model = validate(get_config("size=tiny")).model
-  model = dataclasses.replace(
-      model, vision=dataclasses.replace(model.vision, hidden_size=int(dv)),
-      compressor=dataclasses.replace(model.compressor, vision_dim=int(dv), embed_dim=int(d), num_queries=int(q),
-                                     num_heads=1))
-  validate_compressor(model.compressor, model.vision)
-  return model
-
-
-def convert_compressor(tensors: Mapping[str, np.ndarray], model_config=None) -> dict[str, np.ndarray]:
-  """Reference compressor tensors (names with or without the leading `model.`, PyTorch layouts) ->
-  {Compressor param path: np.ndarray}. Expected shapes come from the compressor of `model_config` (a `ModelConfig`)
-  or, without it, from dims read off the tensors (Dv, D from kv_proj, Q from query). Raises MappingError
-  listing every missing, extra or mis-shaped tensor. The configured kind's own params
-  (`kind_only_shapes`) are not returned: `initialised_params` makes them."""
-  names = {(n[len("model."):] if n.startswith("model.") else n): n for n in tensors}
-  if model_config is None:
-    model_config = _config_from_tensors(names, tensors)
-  out, _ = apply_table(COMPRESSOR_TABLE, list(names), lambda n: np.asarray(tensors[names[n]]),
-                       expected=reference_shapes(model_config), ignore=COMPRESSOR_IGNORE)
-  return out

@@ -5,16 +5,14 @@ Source names are those of a `SiglipVisionModel` / `SiglipModel` state dict, with
 Quicksviewer checkpoint, under `model.vision_tower.vision_tower.`, keep it). Linear weights (out, in) are
 transposed; the conv weight (O, I, kh, kw) becomes (kh, kw, I, O). The post-LayerNorm, the pooling head
 and, for a full `SiglipModel`, the text tower are ignored on purpose.
+
+Tables only: the `model.vision` fields a SigLIP config.json implies are `derive_config.vision_config_from_hf`;
+`parts.convert_siglip` applies the table in memory.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
-
-import numpy as np
-
-from qv_jax.convert.mapping import (MappingError, apply_table, conv_to_hwio, rule, state_paths,
-                                    transpose)
+from qv_jax.convert.mapping import conv_to_hwio, rule, state_paths, transpose
 
 _V = r"(?:vision_model\.)?"
 _LAYER = _V + r"encoder\.layers\.(?P<layer>\d+)\."
@@ -46,29 +44,6 @@ SIGLIP_IGNORE = (
 SIGLIP_MODEL_TYPES = ("siglip_vision_model", "siglip")
 
 
-def vision_config_from_hf(config_json: Mapping, grid_out: int | None = None) -> dict:
-  """`model.vision` fields from an HF SigLIP config.json (a `SiglipVisionConfig`, or a `SiglipConfig`
-  whose `vision_config` holds it). grid_out defaults to 24 for a 27×27 patch grid (so400m at 384 px,
-  SPEC §2), otherwise to the largest multiple of 3 not above the native grid, so that the thumbnail's
-  9-token pool divides the frame's tokens (7×7 -> 6×6)."""
-  cfg = dict(config_json.get("vision_config") or config_json)
-  act = cfg.get("hidden_act", "gelu_pytorch_tanh")
-  if act not in ("gelu_pytorch_tanh", "gelu_new"):
-    raise MappingError(f"SigLIP config: hidden_act {act!r} is not supported; expected 'gelu_pytorch_tanh'")
-  if int(cfg.get("num_channels", 3)) != 3:
-    raise MappingError(f"SigLIP config: num_channels {cfg.get('num_channels')}; expected 3 (RGB)")
-  try:
-    fields = dict(hidden_size=int(cfg["hidden_size"]), intermediate_size=int(cfg["intermediate_size"]),
-                  num_layers=int(cfg["num_hidden_layers"]), num_heads=int(cfg["num_attention_heads"]),
-                  patch_size=int(cfg["patch_size"]), image_size=int(cfg["image_size"]),
-                  layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-6)))
-  except KeyError as e:
-    raise MappingError(f"SigLIP config.json lacks the field {e.args[0]!r}") from None
-  native = fields["image_size"] // fields["patch_size"]
-  fields["grid_out"] = int(grid_out) if grid_out else (24 if native == 27 else max(native - native % 3, 1))
-  return fields
-
-
 def expected_vision_shapes(model_config) -> dict[str, tuple[int, ...]]:
   """{param path: shape} of `SiglipVisionTower(model_config.vision)` (a `ModelConfig`), without allocating
   it."""
@@ -77,12 +52,3 @@ def expected_vision_shapes(model_config) -> dict[str, tuple[int, ...]]:
   from qv_jax.model.vision_tower import SiglipVisionTower
   abstract = nnx.eval_shape(lambda: SiglipVisionTower(model_config.vision, rngs=nnx.Rngs(0)))
   return state_paths(nnx.state(abstract))
-
-
-def convert_siglip(names: Iterable[str], load: Callable[[str], np.ndarray], model_config,
-                   sink: Callable[[str, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
-  """Maps HF SigLIP tensors to tower params ({path: array}); a mismatch raises `MappingError`.
-  For a whole checkpoint on disk prefer `qv_jax.convert.cli.convert`, which streams to orbax."""
-  out, _ = apply_table(SIGLIP_TABLE, names, load, expected_vision_shapes(model_config),
-                       ignore=SIGLIP_IGNORE, sink=sink)
-  return out
