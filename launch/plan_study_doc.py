@@ -40,7 +40,10 @@ refuses `--mesh 1,128,1 --batch 16`: "does not split over data x fsdp"). With `-
 one 420-frame video spans `context` chips (420 frames divide by 4). Hosts whose chips hold the same batch
 rows load the same samples (loading groups, docs/context.md), so the batch need only divide by the 16 groups of
 a v5p-128's 32 hosts; the planner and the trainer count them with the same function. Rows `packed`: the
-packed layout of docs/packing.md (`--pack P --seq-len N`). A compute-bound row shows MFU 100 %: the roofline
+packed layout of docs/packing.md (`--pack P --seq-len N`); row `padded`: the same video batch before packing
+(one sample per row padded to `max_seq_len` 16384); rows `one-video`: what a 16 GiB v5e chip needs to hold
+one 420-frame video (a video per chip or per 2 chips; `lowmem.py` is `configs/lowmem.py`; the reading is in
+docs/packing.md). A compute-bound row shows MFU 100 %: the roofline
 takes the largest term as the step time, so its MFU is an upper bound. The FLOP tables below come from traces alone;
 rows marked `to run` had no compile in time. The v5p-128 context row's stored FLOPs predate counting
 `shard_map` bodies once per device (the context resampler): 0.6 % low against the recount below.
@@ -100,7 +103,9 @@ def render(rows, row_path, out_dir: str) -> None:
   done = [(r, d) for r, d in loaded if d is not None]
   lines = [INTRO, "## Status", "",
            f"{len(done)} of {len(rows)} rows computed; the others are still to run (the released-size compile "
-           "took 17-56 minutes (XLA's TPU compile is all but a minute of it) and 4.5-5.2 GB of host memory per mesh on the loaded 2-core host used so far).", "",
+           "took 13-56 minutes of wall time (XLA's TPU compile is all but a minute of it) and 4.5-5.2 GB of host memory "
+           "per mesh on the loaded 2-core host used so far; where measured, XLA's compile was 576-688 CPU seconds, "
+           "see docs/planner.md).", "",
            "| size | target | batch | scaling | status | meshes | best mesh | memory/chip | step | MFU | tokens/s/chip | "
            "compile per mesh |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r, d in loaded:
