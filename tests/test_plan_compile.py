@@ -137,7 +137,7 @@ def test_planner_infers_with_the_generators_steps(monkeypatch):
   assert jax.tree.map(lambda x: (x.shape, x.dtype), prefilled) == jax.tree.map(lambda x: (x.shape, x.dtype), state)
 
   calls.clear()
-  decoder = Decoder(c.model, rngs=nnx.Rngs(0))
+  decoder = Decoder(c.model.decoder, rngs=nnx.Rngs(0))
   gen = generate.Generator(decoder, max_new_tokens=3, eos_id=None, pad_id=0)
   st = gen.advance(gen.start(input_ids=np.ones((1, 7), np.int32)))   # a prompt shape no other test traces
   assert calls == ["prefill_step", "decode_step"] and st.out.shape == (1, 3)
@@ -147,8 +147,7 @@ def test_planner_infers_with_the_generators_steps(monkeypatch):
 @pytest.mark.parametrize("step", ["prefill", "decode"])
 def test_small_inference_steps_compile_for_v5e(step):
   from qv_jax.plan.infer_plan import plan_infer
-  c = _config("small")
-  c.model.param_dtype = "bfloat16"
+  c = apply_overrides(_config("small"), param_dtype="bfloat16")
   report = plan_infer(c, load_target("v5e:2x2"), (1, 4, 1), step, new_tokens=8)
   mem = report["memory_per_chip"]
   assert report["chips"] == 4 and report["step"] == step and report["cache_slots"] == c.data.max_seq_len + 7
