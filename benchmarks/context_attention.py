@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from benchmarks.common import emit  # noqa: E402
 from qv_jax.config.mesh import LOGICAL_AXIS_RULES  # noqa: E402
 from qv_jax.config.typed import decoder_config  # noqa: E402
+from qv_jax.layers.stack import checkpoint_policy  # noqa: E402
 from qv_jax.model.attention import Attention  # noqa: E402
 from qv_jax.model.rope import inv_frequencies, rope_tables  # noqa: E402
 from qv_jax.parallel.ring_attention import from_zigzag, to_zigzag  # noqa: E402
@@ -48,7 +49,7 @@ def layer_step(mode: str, length: int):
   cfg = decoder_config("qwen2_7b", dtype="bfloat16", context_attention=mode)
   abstract = nnx.eval_shape(lambda: Attention(cfg, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract)
-  policy = None if cfg.remat_policy == "none" else getattr(jax.checkpoint_policies, cfg.remat_policy)
+  policy = checkpoint_policy(cfg.remat_policy)
 
   def loss(params, x, dy):
     positions = jnp.arange(length, dtype=jnp.int32)[None]

@@ -37,6 +37,12 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
   return nnx.merge(graphdef, state)
 
 
+def checkpoint_policy(name: str) -> Callable | None:
+  """The `jax.checkpoint` policy of a `REMAT_POLICIES` name: None for "nothing_saveable" (jax's own default,
+  the same partial evaluation) and for "none" (no rematerialisation, so no policy)."""
+  return None if name in ("nothing_saveable", "none") else getattr(jax.checkpoint_policies, name)
+
+
 def scan_layers(layers: nnx.Module, step: Callable, carry: Any, xs: Any = None, *, remat: bool = False,
                 policy: Callable | None = None, prevent_cse: bool = True, unroll: bool = False
                 ) -> tuple[Any, Any]:

@@ -34,7 +34,7 @@ from flax import nnx
 
 from qv_jax.config.typed import DecoderConfig, expect
 from qv_jax.layers import Dense, RMSNorm
-from qv_jax.layers.stack import scan_layers, stack_layers, unstack_layer_state
+from qv_jax.layers.stack import checkpoint_policy, scan_layers, stack_layers, unstack_layer_state
 from qv_jax.model.attention import Attention
 from qv_jax.model.rope import inv_frequencies, rope_tables
 from qv_jax.parallel.ring_attention import from_zigzag, to_zigzag, uses_ring
@@ -172,7 +172,7 @@ class Decoder(nnx.Module):
       return h, (kv if cache is not None else None)
 
     remat = self.remat_policy != "none"
-    policy = getattr(jax.checkpoint_policies, self.remat_policy) if remat else None   # REMAT_POLICIES
+    policy = checkpoint_policy(self.remat_policy)
     cache_kv = None if cache is None else (cache.k, cache.v)
     return scan_layers(self.layers, body, x, cache_kv, remat=remat, policy=policy,
                        prevent_cse=not self.scan_layers, unroll=not self.scan_layers)

@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec
 
 from qv_jax.config.typed import VisionConfig, expect
 from qv_jax.layers import Dense, LayerNorm
-from qv_jax.layers.stack import scan_layers, stack_layers
+from qv_jax.layers.stack import checkpoint_policy, scan_layers, stack_layers
 from qv_jax.sharding import FRAME_AXES, _variable_pspec, axis_rules, constrain, logical_to_pspec, param
 
 _ROW_AXES = ("activation_batch", "activation_tokens", "activation_vision_embed")    # [N, T, Dv]
@@ -76,12 +76,6 @@ def interpolate_grid(tokens: jax.Array, grid_in: int, grid_out: int) -> jax.Arra
   x = jnp.einsum("oi,nijd->nojd", w, x)
   x = jnp.einsum("pj,nojd->nopd", w, x)
   return x.reshape(n, grid_out * grid_out, d).astype(tokens.dtype)
-
-
-def checkpoint_policy(name: str):
-  """The `jax.checkpoint` policy of a `REMAT_POLICIES` name; "nothing_saveable" is jax's default (None), and
-  "none" (no rematerialisation, so no policy) is None too."""
-  return None if name in ("nothing_saveable", "none") else getattr(jax.checkpoint_policies, name)
 
 
 class PatchEmbed(nnx.Module):
