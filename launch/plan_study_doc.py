@@ -21,14 +21,18 @@ full-ring ICI bandwidth, so it is a lower bound and MFU an upper bound (real ker
 50-70 % of peak). Where the HBM term is the bound, it is XLA's bytes-accessed count scaled up by the
 jaxpr/XLA FLOP ratio (XLA counts a loop body once): a rough figure, not a traffic model.
 
-Setup: stage 3 (everything trains), 420 frames per video, `data.max_seq_len` 16384 decoder positions,
-AdamW in fp32 params with bf16 compute, vision remat on, frame_chunk 16. Topologies are named by chips
-(`v5p:4x4x8` = 128 chips). Weak scaling: global batch = chips (one 420-frame video per chip); strong
-scaling: global batch 64. `--mesh auto` compiled the first candidate (data, fsdp, tensor) meshes of each row,
-fsdp-heaviest first (how many: the `meshes` column); the tables show those that fit, fastest first, so a
-row with one mesh tried is a feasibility check, not a mesh search. `compile per mesh` is the wall time of
-trace + compile on the host that ran it (for the rows computed so far: a shared 2-core machine under load
-average 12-16, so several times slower than a quiet host).
+Setup: stage 3 (everything trains), 420 frames per video, AdamW in fp32 params with bf16 compute, vision remat
+on, frame_chunk 16. Topologies are named by chips (`v5p:4x4x8` = 128 chips). The weak and strong rows put one
+video per decoder row in its 7168-position sequence bucket (`--pack 1 --seq-len 7168`, the layout
+docs/packing.md recommends; the `padded` row shows the old `max_seq_len` 16384). Weak scaling: a fixed number
+of videos per chip for each chip kind, so the global batch grows with the chips: one per v5p chip (95 GiB),
+half of one per v6e chip (32 GiB), a quarter per v5e chip (16 GiB), the rest of a video spread over `context`
+chips, or over `tensor` on the 8- and 16-chip slices, where the optimizer state (about 102 GiB, sharded over
+fsdp x tensor but not context) would not fit otherwise. Strong scaling: global batch 64 on the slices that can
+hold it. Each row compiles the one mesh its `mesh` column names (a feasibility and cost figure, not a mesh
+search: `launch.plan --mesh auto` ranks candidates for one row); the inference rows compiled the first
+`--mesh auto` candidate (fsdp only). `compile per mesh` is the wall time of trace + compile on the host that
+ran it: a shared 2-core machine, usually running two compiles at once, so roughly twice a quiet host's time.
 """
 
 
@@ -101,11 +105,16 @@ def _scaling(r: dict) -> str:
 def render(rows, row_path, out_dir: str) -> None:
   loaded = [(r, _load(row_path(r))) for r in rows]
   done = [(r, d) for r, d in loaded if d is not None]
+  plans = [p for _, d in done for p in d.get("plans", [])]
+  walls = [p["compile_s"] / 60 for p in plans if p.get("compile_s")]
+  cpus = [p["compile_phases_s"]["xla_compile_cpu_s"] for p in plans
+          if (p.get("compile_phases_s") or {}).get("xla_compile_cpu_s")]
+  cost = (f"the released-size compile took {min(walls):.0f}-{max(walls):.0f} minutes of wall time per mesh "
+          "on the shared 2-core host (XLA's TPU compile is all but a minute of it)" if walls else "")
+  cost += f"; XLA's compile was {min(cpus):.0f}-{max(cpus):.0f} CPU seconds where measured" if cpus else ""
   lines = [INTRO, "## Status", "",
-           f"{len(done)} of {len(rows)} rows computed; the others are still to run (the released-size compile "
-           "took 13-56 minutes of wall time (XLA's TPU compile is all but a minute of it) and 4.5-5.2 GB of host memory "
-           "per mesh on the loaded 2-core host used so far; where measured, XLA's compile was 576-688 CPU seconds, "
-           "see docs/planner.md).", "",
+           f"{len(done)} of {len(rows)} rows computed; the others are still to run"
+           + (f" ({cost}, see docs/planner.md)." if cost else "."), "",
            "| size | target | batch | scaling | status | meshes | best mesh | memory/chip | step | MFU | tokens/s/chip | "
            "compile per mesh |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r, d in loaded:

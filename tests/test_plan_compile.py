@@ -51,6 +51,27 @@ def test_abstract_state_builds_under_a_topology_mesh():
   assert any(x.sharding.spec != jax.sharding.PartitionSpec() for x in mu)
 
 
+@pytest.mark.parametrize("step", ["train", "prefill"])
+def test_a_state_larger_than_hbm_is_refused_before_compiling(step, monkeypatch):
+  """The exact per-chip state bytes exceed a (shrunk) chip's HBM: refused in seconds, never compiled."""
+  import dataclasses
+  from qv_jax.config.errors import ConfigError
+  from qv_jax.plan.infer_plan import plan_infer
+  target = load_target("v5e:2x2")
+  c = _config("tiny")
+  mesh = target_mesh(target, (1, 4, 1))
+  with jax.set_mesh(mesh):
+    state = sharded_bytes(train_state_spec(c, mesh)[0])
+  hbm = int(state) - 1 if step == "train" else 2 ** 10   # prefill: params and KV cache, less than the train state
+  target = dataclasses.replace(target, chip=dataclasses.replace(target.chip, hbm_bytes=hbm))
+  monkeypatch.setattr(jax.stages.Lowered, "compile", lambda *a, **k: pytest.fail("compiled"))
+  with pytest.raises(ConfigError, match=r"1,4,1,1 on v5e:2x2 does not fit: .* alone is .*not compiled"):
+    if step == "train":
+      plan_train(c, target, (1, 4, 1))
+    else:
+      plan_infer(apply_overrides(c, batch=1), target, (1, 4, 1), "prefill")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size,topology", [("tiny", "v5e:2x2"), ("small", "v5p:2x2x1")])
 def test_train_step_compiles_for_topology(size, topology):

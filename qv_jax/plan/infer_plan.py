@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qv_jax.model import generate
 from qv_jax.model.decoder import CACHE_AXES
 from qv_jax.plan.target import Target, target_mesh
-from qv_jax.plan.train_plan import analyse, sharded_bytes
+from qv_jax.plan.train_plan import analyse, check_state_fits, sharded_bytes
 from qv_jax.sharding import SLOT_AXES, axis_rules, logical_to_pspec, state_shardings
 from qv_jax.train.compile import abstract_batch
 from qv_jax.train.flops import matmul_flops
@@ -97,6 +97,7 @@ def plan_infer(config, target: Target, mesh_shape, step: str, *, new_tokens: int
   graphdef, params = abstract_model(config, mesh)
   sampling, flags = abstract_sampling(mesh, new_tokens)
   state = abstract_decode_state(graphdef, params, config, mesh, b, int(d.max_seq_len), new_tokens)
+  check_state_fits((params, state.cache), mesh, target, "the params and the KV cache")
   prefill, decode = make_steps(graphdef, new_tokens=new_tokens, flags=flags)
   if step == "prefill":
     fn, args, donate = prefill, (params, abstract_batch(config, mesh), sampling), ()

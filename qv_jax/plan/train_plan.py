@@ -100,6 +100,18 @@ def _slice_mesh_shape(mesh, num_slices: int) -> tuple[int, ...]:
   return (shape[0] // num_slices,) + shape[1:]
 
 
+def check_state_fits(abstract, mesh, target: Target, what: str = "the train state") -> None:
+  """Refuses, before the compile, a mesh whose `abstract` tree (train state: params and optimizer state;
+  inference: params and KV cache), live for the whole step, alone exceeds a chip's HBM: a certain
+  "does not fit" for the price of an abstract build."""
+  state = sharded_bytes(abstract)
+  if state > target.chip.hbm_bytes:
+    shape = ",".join(str(s) for s in mesh.shape.values())
+    raise ConfigError("--mesh", f"{shape} on {target.topology} does not fit: {what} alone is "
+                                f"{state / 2**30:.1f} GiB per chip of the chip's {target.chip.hbm_bytes / 2**30:.0f} "
+                                "GiB (not compiled)")
+
+
 def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
   """Checks the config against the target (one line on error), then compiles abstractly."""
   mesh = target_mesh(target, mesh_shape)
@@ -108,6 +120,7 @@ def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
   rules = config.sharding_rules
   t0 = time.perf_counter()
   abstract, spec = train_state_spec(config, mesh, rules)
+  check_state_fits(abstract, mesh, target)
   batch = abstract_batch(config, mesh)
   step_fn = make_train_step(spec.graphdef, config, spec.tx)
   phases = {"build_s": time.perf_counter() - t0}
