@@ -138,7 +138,7 @@ def render(rows, row_path, out_dir: str) -> None:
                  f"{b['roofline']['tokens_per_s_per_chip']:.0f} | {ctime} |")
   lines += ["", CONTEXT_NOTE]
   lines += _flops_tables(out_dir)
-  lines += ["", "## Best three meshes per computed row", ""]
+  lines += ["", "## Every compiled mesh of each row (fitting ones fastest first)", ""]
   for r, d in done:
     plans = d.get("plans", [])
     if not plans:
