@@ -57,7 +57,7 @@ def test_readme_headline_rows_are_the_json_rendered():
 def test_planner_rows_read_the_planner_json():
   """A headline from the scaling study follows its JSON, not a copy."""
   record = measurements.load(ROOT / "benchmarks" / "results" / "plan_released.json")
-  plan = json.loads((ROOT / "docs/scaling/qwen2_7b_v5p-2x2x2_b8_train.json").read_text())["plans"][0]
+  plan = json.loads((ROOT / "docs/scaling/qwen2_7b_v5p-4x4x8_b128_train_pack1_seq_len7168_m1x128x1x1.json").read_text())["plans"][0]
   assert record["resolved"]["train_gib"] == plan["memory_per_chip"]["total_bytes"] / 2 ** 30
   assert record["resolved"]["train_step_s"] == plan["roofline"]["step_s"]
 
