@@ -58,13 +58,6 @@ STRONG_BATCH = 64
 OUT = "docs/scaling"
 
 
-def chips_of(topology: str) -> int:
-  n = 1
-  for d in topology.split(":")[1].split("x"):
-    n *= int(d)
-  return n
-
-
 def rows() -> list[dict]:
   video = dict(pack=1, seq_len=VIDEO_BUCKET)
   out = []

@@ -102,6 +102,36 @@ def _scaling(r: dict) -> str:
   return r["scaling"] + (f", {os.path.basename(r['config'])}" if "config" in r else "")
 
 
+def _inference_table(loaded) -> list[str]:
+  """Which single-host runtime serves one 420-frame question: the inference rows, one line each."""
+  out = ["| runtime | chips | mesh | memory per chip | prefill (roofline) | serves a 420-frame question |",
+         "|---|---|---|---|---|---|"]
+  for r, d in loaded:
+    if r["scaling"] != "inference":
+      continue
+    kind, n = r["topology"].split(":")[0], chips_of(r["topology"])
+    head = f"| {kind}-{n} | {n} |"
+    if d is None:
+      out.append(head + " | | | to run |")
+      continue
+    ranked = report.rank(d.get("plans", []))
+    if ranked:
+      b = ranked[0]
+      out.append(head + f" {report._mesh(b)} | {b['memory_per_chip']['total_bytes'] / GIB:.1f} / "
+                 f"{b['memory_per_chip']['hbm_bytes'] / GIB:.0f} GiB | {b['roofline']['step_s']:.2f} s "
+                 f"({b['roofline']['bound']}) | yes |")
+    else:
+      out.append(head + f" | | | no: {d.get('error') or _why_not(d.get('plans', []))} |")
+  return out + [""]
+
+
+def chips_of(topology: str) -> int:
+  n = 1
+  for dim in topology.split(":")[1].split("x"):
+    n *= int(dim)
+  return n
+
+
 def render(rows, row_path, out_dir: str) -> None:
   loaded = [(r, _load(row_path(r))) for r in rows]
   done = [(r, d) for r, d in loaded if d is not None]
@@ -124,7 +154,8 @@ def render(rows, row_path, out_dir: str) -> None:
       continue
     ranked = report.rank(d.get("plans", []))
     compiles = [p["compile_s"] for p in d.get("plans", []) if "compile_s" in p]
-    ctime = f"{min(compiles):.0f}-{max(compiles):.0f} s" if compiles else ""
+    ctime = (f"{min(compiles):.0f} s" if len(set(compiles)) == 1 else f"{min(compiles):.0f}-{max(compiles):.0f} s"
+             ) if compiles else ""
     tried = len(d.get("plans", []))
     if not ranked:
       why = d.get("error") or _why_not(d.get("plans", []))
@@ -155,6 +186,7 @@ def render(rows, row_path, out_dir: str) -> None:
             "decoder over the merged prompt into a KV cache of `max_seq_len` + 256 slots). The inference rows "
             "are part of the status table above (scaling `inference`); a runtime serves the question when its "
             "best mesh fits.", ""]
+  lines += _inference_table(loaded)
   with open(os.path.join(out_dir + ".md"), "w") as f:
     f.write("\n".join(lines))
   if done:

@@ -284,3 +284,18 @@ def test_study_rows_with_an_experiment_config():
   assert not plan_study._matches(lowmem[0], "qwen2_7b:v5e:8x8:weak")
   c = validate(plan.load_config(f"{plan_study.LOWMEM}:size=qwen2_7b,stage=3"))
   assert c.model.compressor.save_scores is False and c.train.ce_chunk == 512
+
+
+def test_study_inference_table_says_which_runtime_serves_a_question():
+  from launch.plan_study_doc import _inference_table
+  fit = dict(mesh=dict(data=1, fsdp=4, context=1, tensor=1), memory_per_chip=dict(total_bytes=10 * 2 ** 30,
+             hbm_bytes=16 * 2 ** 30, fits=True), roofline=dict(step_s=4.0, bound="hbm"))
+  oom = dict(mesh=[1, 1, 1, 1], error="JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM")
+  row = dict(size="qwen2_7b", batch=1, scaling="inference", step="prefill")
+  lines = _inference_table([(dict(row, topology="v5e:2x2"), dict(plans=[fit])),
+                            (dict(row, topology="v5e:1x1"), dict(plans=[oom])),
+                            (dict(row, topology="v6e:2x4"), None),
+                            (dict(row, topology="v5p:2x2x2", scaling="weak"), dict(plans=[fit]))])
+  assert lines[2] == "| v5e-4 | 4 | 1,4,1 | 10.0 / 16 GiB | 4.00 s (hbm) | yes |"
+  assert lines[3].startswith("| v5e-1 | 1 | | | | no: JaxRuntimeError: RESOURCE_EXHAUSTED")
+  assert lines[4] == "| v6e-8 | 8 | | | | to run |" and len(lines) == 6
