@@ -26,13 +26,33 @@ on, frame_chunk 16. Topologies are named by chips (`v5p:4x4x8` = 128 chips). The
 video per decoder row in its 7168-position sequence bucket (`--pack 1 --seq-len 7168`, the layout
 docs/packing.md recommends; the `padded` row shows the old `max_seq_len` 16384). Weak scaling: a fixed number
 of videos per chip for each chip kind, so the global batch grows with the chips: one per v5p chip (95 GiB),
-half of one per v6e chip (32 GiB), a quarter per v5e chip (16 GiB), the rest of a video spread over `context`
-chips, or over `tensor` on the 8- and 16-chip slices, where the optimizer state (about 102 GiB, sharded over
-fsdp x tensor but not context) would not fit otherwise. Strong scaling: global batch 64 on the slices that can
+half of one per v6e chip (32 GiB; a quarter on v6e-8, where half does not fit), a quarter per v5e chip
+(16 GiB), the rest of a video spread over `context` chips, or over `tensor` on the 8- and 16-chip slices,
+where the optimizer state (about 102 GiB, sharded over fsdp x tensor but not context) would not fit otherwise. Strong scaling: global batch 64 on the slices that can
 hold it. Each row compiles the one mesh its `mesh` column names (a feasibility and cost figure, not a mesh
 search: `launch.plan --mesh auto` ranks candidates for one row); the inference rows compiled the first
-`--mesh auto` candidate (fsdp only). `compile per mesh` is the wall time of trace + compile on the host that
+`--mesh auto` candidate (fsdp only), and v5e-4 also a tensor-only mesh. `compile per mesh` is the wall time of trace + compile on the host that
 ran it: a shared 2-core machine, usually running two compiles at once, so roughly twice a quiet host's time.
+"""
+
+
+READING = """## Reading the table (compiler estimates, as everywhere here)
+
+- **Cost of a video by chip kind** (`chip-s per sample`, the roofline step times the chips over the videos):
+  about 4 chip-seconds on v5p (a whole video per chip, compute-bound; qwen2_7b 30.4 and llama3_8b 36.0 of
+  95 GiB on v5p-128, so a v5p chip has room for a second video), about 8.4 on v6e-64 (half a video per chip,
+  HBM-bound, 18.0 / 21.5 of 32 GiB) and 17-22 on v5e-256 (a quarter per chip, bound by the fsdp and context
+  all-gathers). Per chip, the roofline ranks v5p > v6e > v5e for this model, before prices.
+- **Small slices are held back by the optimizer state.** Params and AdamW moments (about 102 GiB for
+  qwen2_7b) shard over fsdp x tensor but not over context, so context chips each keep a copy of their fsdp
+  shard: on v6e-8 half a video per chip (mesh 1,4,1,2) needs 34.9 of 32 GiB, and a quarter (1,2,1,4) is the
+  weak row. Sharding the weights over context as well (as MaxText's fsdp-over-sequence does) is the next
+  change to try.
+- **Inference:** every Colab-sized runtime but v5e-1 serves one 420-frame question (v5e-1: 29 GiB of
+  temporaries against 15.75 GiB); one v6e chip needs 26.4 of 32 GiB. With a batch of one, an fsdp mesh runs
+  the whole prefill on every chip and only spreads the weights; on v5e-4 a tensor mesh (1,1,1,4) takes
+  2.45 s against 4.01 s for fsdp 4, at 12.4 instead of 10.6 GiB (the 151673-token vocabulary does not divide
+  by 4, so its two 1 GiB matrices stay whole on every chip).
 """
 
 
@@ -97,6 +117,12 @@ def _why_not(plans: list) -> str:
   return errors[0] if errors else "no candidate mesh fits"
 
 
+def _chip_s_per_sample(r: dict, plan: dict) -> float:
+  """Chip-seconds of the roofline step per sample (a video; an image in a packed image row): the cost of a
+  sample across chip kinds and meshes."""
+  return plan["roofline"]["step_s"] * plan["chips"] / (r["batch"] * r.get("pack", 1))
+
+
 def _scaling(r: dict) -> str:
   """The row's scaling, with its experiment config when not the preset (`one-video, lowmem.py`)."""
   return r["scaling"] + (f", {os.path.basename(r['config'])}" if "config" in r else "")
@@ -146,11 +172,11 @@ def render(rows, row_path, out_dir: str) -> None:
            f"{len(done)} of {len(rows)} rows computed; the others are still to run"
            + (f" ({cost}, see docs/planner.md)." if cost else "."), "",
            "| size | target | batch | scaling | status | meshes | best mesh | memory/chip | step | MFU | tokens/s/chip | "
-           "compile per mesh |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "chip-s per sample | compile per mesh |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r, d in loaded:
     head = f"| {r['size']} | {r['topology']} | {r['batch']} | {_scaling(r)} |"
     if d is None:
-      lines.append(head + " to run | | | | | | | |")
+      lines.append(head + " to run | | | | | | | | |")
       continue
     ranked = report.rank(d.get("plans", []))
     compiles = [p["compile_s"] for p in d.get("plans", []) if "compile_s" in p]
@@ -159,15 +185,15 @@ def render(rows, row_path, out_dir: str) -> None:
     tried = len(d.get("plans", []))
     if not ranked:
       why = d.get("error") or _why_not(d.get("plans", []))
-      lines.append(head + f" computed: {why} | {tried} | | | | | | {ctime} |")
+      lines.append(head + f" computed: {why} | {tried} | | | | | | | {ctime} |")
       continue
     b = ranked[0]
     lines.append(head + f" computed {d.get('computed_at', '')} | {tried} | {report._mesh(b)} | "
                  f"{b['memory_per_chip']['total_bytes'] / GIB:.1f} / "
                  f"{b['memory_per_chip']['hbm_bytes'] / GIB:.0f} GiB | {b['roofline']['step_s']:.2f} s "
                  f"({b['roofline']['bound']}) | {100 * b['roofline']['mfu']:.1f}% | "
-                 f"{b['roofline']['tokens_per_s_per_chip']:.0f} | {ctime} |")
-  lines += ["", CONTEXT_NOTE]
+                 f"{b['roofline']['tokens_per_s_per_chip']:.0f} | {_chip_s_per_sample(r, b):.2f} | {ctime} |")
+  lines += ["", READING, CONTEXT_NOTE]
   lines += _flops_tables(out_dir)
   lines += ["", "## Every compiled mesh of each row (fitting ones fastest first)", ""]
   for r, d in done:
