@@ -39,15 +39,20 @@ ran it: a shared 2-core machine, usually running two compiles at once, so roughl
 READING = """## Reading the table (compiler estimates, as everywhere here)
 
 - **Cost of a video by chip kind** (`chip-s per sample`, the roofline step times the chips over the videos):
-  about 4 chip-seconds on v5p (a whole video per chip, compute-bound; qwen2_7b 30.4 and llama3_8b 36.0 of
-  95 GiB on v5p-128, so a v5p chip has room for a second video), about 8.4 on v6e-64 (half a video per chip,
+  about 4 chip-seconds on v5p-128 and v5p-512 (a whole video per chip, compute-bound; qwen2_7b 30.4 and
+  llama3_8b 36.0 of 95 GiB on v5p-128, so a v5p chip has room for a second video), 7.5-8.7 on v5p-8 and
+  v5p-32, where the roofline's HBM term (XLA's bytes accessed, scaled; the roughest term) grows with the
+  larger weight shards, about 8.4 on v6e-64 (half a video per chip,
   HBM-bound, 18.0 / 21.5 of 32 GiB) and 17-22 on v5e-256 (a quarter per chip, bound by the fsdp and context
   all-gathers). Per chip, the roofline ranks v5p > v6e > v5e for this model, before prices.
 - **Small slices are held back by the optimizer state.** Params and AdamW moments (about 102 GiB for
   qwen2_7b) shard over fsdp x tensor but not over context, so context chips each keep a copy of their fsdp
-  shard: on v6e-8 half a video per chip (mesh 1,4,1,2) needs 34.9 of 32 GiB, and a quarter (1,2,1,4) is the
-  weak row. Sharding the weights over context as well (as MaxText's fsdp-over-sequence does) is the next
-  change to try.
+  shard, and `tensor` does not split the 151673-token vocabulary (it divides by no power of two above 1), so
+  qwen2_7b's embedding and LM head (2.0 GiB each in fp32, and their two AdamW moments) are split by fsdp
+  only. On v6e-8 neither half a video per chip (mesh 1,4,1,2: 34.9 of 32 GiB) nor a quarter (1,2,1,4: 33.9
+  GiB; llama3_8b 36.0) fits. Padding the vocabulary to a multiple of 128 (Qwen2.5's own checkpoints pad to
+  152064 rows) and sharding the weights over context as well (MaxText's fsdp over the sequence axis) are the next
+  changes to try.
 - **Inference:** every Colab-sized runtime but v5e-1 serves one 420-frame question (v5e-1: 29 GiB of
   temporaries against 15.75 GiB); one v6e chip needs 26.4 of 32 GiB. With a batch of one, an fsdp mesh runs
   the whole prefill on every chip and only spreads the weights; on v5e-4 a tensor mesh (1,1,1,4) takes
