@@ -52,7 +52,7 @@ EXTRA = (
     dict(size="qwen2_7b", topology="v5e:8x8", batch=32, scaling="one-video", mesh="1,32,2,1", pack=1, seq_len=7168),
     dict(size="qwen2_7b", topology="v5e:8x8", batch=32, scaling="one-video", mesh="1,32,2,1", pack=1, seq_len=7168,
          config=LOWMEM),
-    # half a video per v6e chip on the 8-chip slice (tensor 2): does not fit, hence a quarter in the weak row
+    # half a video per v6e chip on the 8-chip slice (tensor 2); neither it nor the weak row's quarter fits
     dict(size="qwen2_7b", topology="v6e:2x4", batch=4, scaling="weak", mesh="1,4,1,2", pack=1, seq_len=7168),
     # a question of batch 1 on an fsdp mesh runs whole on every chip; a tensor mesh splits its work
     dict(size="qwen2_7b", topology="v5e:2x2", batch=1, scaling="inference", step="prefill", mesh="1,1,1,4"),

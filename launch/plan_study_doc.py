@@ -26,7 +26,7 @@ on, frame_chunk 16. Topologies are named by chips (`v5p:4x4x8` = 128 chips). The
 video per decoder row in its 7168-position sequence bucket (`--pack 1 --seq-len 7168`, the layout
 docs/packing.md recommends; the `padded` row shows the old `max_seq_len` 16384). Weak scaling: a fixed number
 of videos per chip for each chip kind, so the global batch grows with the chips: one per v5p chip (95 GiB),
-half of one per v6e chip (32 GiB; a quarter on v6e-8, where half does not fit), a quarter per v5e chip
+half of one per v6e chip (32 GiB; a quarter on v6e-8, where neither fits), a quarter per v5e chip
 (16 GiB), the rest of a video spread over `context` chips, or over `tensor` on the 8- and 16-chip slices,
 where the optimizer state (about 102 GiB, sharded over fsdp x tensor but not context) would not fit otherwise. Strong scaling: global batch 64 on the slices that can
 hold it. Each row compiles the one mesh its `mesh` column names (a feasibility and cost figure, not a mesh
