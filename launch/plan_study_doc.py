@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from qv_jax.plan import report
+from qv_jax.plan.target import parse_topology
 
 GIB = 2 ** 30
 
@@ -140,7 +142,8 @@ def _inference_table(loaded) -> list[str]:
   for r, d in loaded:
     if r["scaling"] != "inference":
       continue
-    kind, n = r["topology"].split(":")[0], chips_of(r["topology"])
+    _, dims = parse_topology(r["topology"])
+    kind, n = r["topology"].split(":")[0], math.prod(dims)
     head = f"| {kind}-{n} | {n} |"
     if d is None:
       out.append(head + " | | | to run |")
@@ -154,13 +157,6 @@ def _inference_table(loaded) -> list[str]:
     else:
       out.append(head + f" | | | no: {d.get('error') or _why_not(d.get('plans', []))} |")
   return out + [""]
-
-
-def chips_of(topology: str) -> int:
-  n = 1
-  for dim in topology.split(":")[1].split("x"):
-    n *= int(dim)
-  return n
 
 
 def render(rows, row_path, out_dir: str) -> None:

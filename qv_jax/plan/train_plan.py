@@ -100,7 +100,7 @@ def _slice_mesh_shape(mesh, num_slices: int) -> tuple[int, ...]:
   return (shape[0] // num_slices,) + shape[1:]
 
 
-def check_state_fits(abstract, mesh, target: Target, what: str = "the train state") -> None:
+def check_state_fits(abstract, mesh, target: Target, what: str = "the train state") -> float:
   """Refuses, before the compile, a mesh whose `abstract` tree (train state: params and optimizer state;
   inference: params and KV cache), live for the whole step, alone exceeds a chip's HBM: a certain
   "does not fit" for the price of an abstract build."""
@@ -110,6 +110,7 @@ def check_state_fits(abstract, mesh, target: Target, what: str = "the train stat
     raise ConfigError("--mesh", f"{shape} on {target.topology} does not fit: {what} alone is "
                                 f"{state / 2**30:.1f} GiB per chip of the chip's {target.chip.hbm_bytes / 2**30:.0f} "
                                 "GiB (not compiled)")
+  return state
 
 
 def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
@@ -120,7 +121,7 @@ def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
   rules = config.sharding_rules
   t0 = time.perf_counter()
   abstract, spec = train_state_spec(config, mesh, rules)
-  check_state_fits(abstract, mesh, target)
+  state_bytes = check_state_fits(abstract, mesh, target)
   batch = abstract_batch(config, mesh)
   step_fn = make_train_step(spec.graphdef, config, spec.tx)
   phases = {"build_s": time.perf_counter() - t0}
@@ -129,7 +130,8 @@ def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
     t1 = time.perf_counter()
     counted = matmul_flops(step_fn, abstract, batch)
     phases["jaxpr_flops_s"] = time.perf_counter() - t1
-  info = dict(mesh=mesh, abstract=abstract, batch=batch, phases=phases, matmul_flops=counted)
+  info = dict(mesh=mesh, abstract=abstract, batch=batch, state_bytes=state_bytes, phases=phases,
+              matmul_flops=counted)
   return compiled, info
 
 
@@ -177,7 +179,7 @@ def plan_train(config, target: Target, mesh_shape) -> dict:
   report = analyse(compiled, info["mesh"], target, flops=info["matmul_flops"],
                    tokens=float(d.batch_size) * seq_len, dcn_bytes=dcn)
   phases = dict(info["phases"], analyse_s=time.perf_counter() - t0)
-  report["memory_per_chip"].update(state_bytes=sharded_bytes(info["abstract"]),
+  report["memory_per_chip"].update(state_bytes=info["state_bytes"],
                                    batch_bytes=sharded_bytes(info["batch"]))
   return dict(report, step="train", size=config.model.size, stage=int(config.train.stage),
               batch=int(d.batch_size), frames=int(max(d.frame_buckets)), max_seq_len=int(d.max_seq_len),
