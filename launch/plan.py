@@ -87,8 +87,8 @@ def parse_args(argv=None):
   p.add_argument("--param-dtype", default=None,
                  help="params' dtype (default: the config's for train, bfloat16 for prefill/decode)")
   p.add_argument("--jobs", type=int, default=1, help="parallel compile processes")
-  p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/qv_jax/plan_xla"),
-                 help="persistent compilation cache ('' disables)")
+  p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/qv_jax/plan"),
+                 help="the planner's cache of compiled programs, qv_jax/plan/cache.py ('' disables)")
   p.add_argument("--out", default="plans/latest", help="output directory")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -141,9 +141,8 @@ def run_one(config_spec: str, job: dict, cache_dir: str) -> dict:
   from qv_jax.plan.train_plan import apply_overrides, error_detail, plan_error, plan_train
   from qv_jax.plan.target import load_target
   try:
-    if cache_dir:
-      from qv_jax.train.loop import enable_compilation_cache
-      enable_compilation_cache(cache_dir)
+    from qv_jax.plan.cache import PlanCache
+    cache = PlanCache(cache_dir) if cache_dir else None
     config = apply_overrides(load_config(config_spec), batch=job["batch"], frames=job["frames"],
                              remat=job["remat"], frame_chunk=job["frame_chunk"], pack=job.get("pack"),
                              seq_len=job.get("seq_len"), gather_once=job.get("gather_once") or None,
@@ -151,8 +150,8 @@ def run_one(config_spec: str, job: dict, cache_dir: str) -> dict:
     target = load_target(job["topology"], job["num_slices"])
     if job.get("step", "train") != "train":
       from qv_jax.plan.infer_plan import plan_infer
-      return plan_infer(config, target, job["mesh"], job["step"], new_tokens=job["new_tokens"])
-    return plan_train(config, target, job["mesh"])
+      return plan_infer(config, target, job["mesh"], job["step"], new_tokens=job["new_tokens"], cache=cache)
+    return plan_train(config, target, job["mesh"], cache=cache)
   except Exception as e:  # noqa: BLE001  (one line per failed configuration)
     out = dict(job, mesh_arg=",".join(map(str, job["mesh"])), error=plan_error(e))
     detail = error_detail(e)

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from qv_jax.model import generate
 from qv_jax.model.decoder import CACHE_AXES
+from qv_jax.plan.cache import PlanCache
 from qv_jax.plan.target import Target, target_mesh
 from qv_jax.plan.train_plan import analyse, check_state_fits, sharded_bytes
 from qv_jax.sharding import SLOT_AXES, axis_rules, logical_to_pspec, state_shardings
@@ -85,9 +86,11 @@ def make_steps(graphdef, *, new_tokens: int, flags: dict):
   return prefill, decode
 
 
-def plan_infer(config, target: Target, mesh_shape, step: str, *, new_tokens: int = 256) -> dict:
+def plan_infer(config, target: Target, mesh_shape, step: str, *, new_tokens: int = 256,
+               cache: PlanCache | None = None) -> dict:
   """Compiles `step` ('prefill' or 'decode') for a batch of `data.batch_size` questions of the config's
-  frame bucket; the cache holds `data.max_seq_len + new_tokens - 1` slots, as the Generator's."""
+  frame bucket; the KV cache holds `data.max_seq_len + new_tokens - 1` slots, as the Generator's. `cache`:
+  the planner's cache of compiled programs (`compile_s` then keeps the stored compile's time)."""
   if step not in ("prefill", "decode"):
     raise ValueError(f"step must be prefill or decode, got {step!r}")
   mesh = target_mesh(target, mesh_shape)
@@ -109,8 +112,15 @@ def plan_infer(config, target: Target, mesh_shape, step: str, *, new_tokens: int
   out_shardings = jax.tree.map(lambda x: x.sharding, state)
   with jax.set_mesh(mesh), axis_rules(config.sharding_rules):
     jitted = jax.jit(fn, in_shardings=shardings, out_shardings=out_shardings, donate_argnums=donate)
-    compiled = jitted.lower(*args).compile()
-    compile_s = time.perf_counter() - t0
+    lowered = jitted.lower(*args)
+    phases: dict[str, float] = {}
+    if cache is not None:
+      compiled = cache.compiler(target, mesh)(lowered, phases)
+      compile_s = time.perf_counter() - t0 - phases.get("cache_load_s", 0.0) + (
+          phases["xla_compile_s"] if getattr(compiled, "cache_hit", False) else 0.0)
+    else:
+      compiled = lowered.compile()
+      compile_s = time.perf_counter() - t0
     flops = matmul_flops(fn, *args)
   report = analyse(compiled, mesh, target, flops=flops, tokens=tokens)
   report["memory_per_chip"].update(state_bytes=sharded_bytes(params), cache_bytes=sharded_bytes(state.cache))
@@ -118,4 +128,5 @@ def plan_infer(config, target: Target, mesh_shape, step: str, *, new_tokens: int
               frames=int(max(d.frame_buckets)), max_seq_len=int(d.max_seq_len),
               cache_slots=int(state.cache.k.shape[2]),
               param_dtype=str(config.model.param_dtype), remat=config.model.vision.remat_policy != "none",
-              frame_chunk=int(config.model.vision.frame_chunk), compile_s=compile_s)
+              frame_chunk=int(config.model.vision.frame_chunk), compile_s=compile_s,
+              cache_hit=bool(getattr(compiled, "cache_hit", False)))

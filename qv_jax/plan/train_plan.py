@@ -19,6 +19,7 @@ from qv_jax.config import Config, validate
 from qv_jax.config.errors import ConfigError
 from qv_jax.config.mesh import MESH_AXES
 from qv_jax.plan import hlo
+from qv_jax.plan.cache import PlanCache
 from qv_jax.plan.roofline import axis_ici_bandwidth, roofline
 from qv_jax.plan.target import Target, target_mesh
 from qv_jax.sharding import axis_rules, loading_groups
@@ -113,8 +114,9 @@ def check_state_fits(abstract, mesh, target: Target, what: str = "the train stat
   return state
 
 
-def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
-  """Checks the config against the target (one line on error), then compiles abstractly."""
+def compile_for_target(config, target: Target, mesh_shape, cache: PlanCache | None = None) -> tuple[Any, dict]:
+  """Checks the config against the target (one line on error), then compiles abstractly (through `cache`,
+  when given: a program compiled before is read back, not recompiled)."""
   mesh = target_mesh(target, mesh_shape)
   config = apply_overrides(config, mesh_shape=tuple(mesh.shape.values()))
   check_config(config, mesh, groups=loading_groups(mesh)[0])   # hosts loading distinct rows
@@ -126,12 +128,13 @@ def compile_for_target(config, target: Target, mesh_shape) -> tuple[Any, dict]:
   step_fn = make_train_step(spec.graphdef, config, spec.tx)
   phases = {"build_s": time.perf_counter() - t0}
   with jax.set_mesh(mesh), axis_rules(rules):
-    compiled = compile_train_step(step_fn, spec, abstract, batch, timings=phases)
+    compiled = compile_train_step(step_fn, spec, abstract, batch, timings=phases,
+                                  compile=cache.compiler(target, mesh) if cache is not None else None)
     t1 = time.perf_counter()
     counted = matmul_flops(step_fn, abstract, batch)
     phases["jaxpr_flops_s"] = time.perf_counter() - t1
   info = dict(mesh=mesh, abstract=abstract, batch=batch, state_bytes=state_bytes, phases=phases,
-              matmul_flops=counted)
+              matmul_flops=counted, cache_hit=bool(getattr(compiled, "cache_hit", False)))
   return compiled, info
 
 
@@ -167,9 +170,10 @@ def analyse(compiled, mesh, target: Target, *, flops: float, tokens: float, dcn_
   }
 
 
-def plan_train(config, target: Target, mesh_shape) -> dict:
-  """Compiles the train step for `target` with mesh (data, fsdp[, context], tensor) and returns the report."""
-  compiled, info = compile_for_target(config, target, mesh_shape)
+def plan_train(config, target: Target, mesh_shape, cache: PlanCache | None = None) -> dict:
+  """Compiles the train step for `target` with mesh (data, fsdp[, context], tensor) and returns the report.
+  `compile_s` is the cost of planning it from scratch (on a cache hit, with the stored compile's times)."""
+  compiled, info = compile_for_target(config, target, mesh_shape, cache)
   d = config.data
   # across slices: each chip all-reduces its shard of the fp32 gradients with its peers in the other slices
   grads = sharded_bytes(info["abstract"].params)
@@ -187,7 +191,8 @@ def plan_train(config, target: Target, mesh_shape) -> dict:
               remat=config.model.vision.remat_policy != "none", remat_policy=config.model.vision.remat_policy,
               frame_chunk=int(config.model.vision.frame_chunk), gather_once=bool(config.model.vision.gather_once),
               grad_accum=int(config.train.grad_accum),
-              compile_s=sum(v for k, v in phases.items() if not k.endswith("_cpu_s")), compile_phases_s=phases)
+              compile_s=sum(v for k, v in phases.items() if not k.endswith(("_cpu_s", "cache_load_s"))),
+              compile_phases_s=phases, cache_hit=info["cache_hit"])
 
 
 def plan_error(e: Exception) -> str:

@@ -11,7 +11,7 @@ for a TPU topology's compile-only devices without touching any device.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -28,21 +28,26 @@ def jit_train_step(step_fn, spec, batch_shardings: dict):
                  out_shardings=(spec.shardings, rep), donate_argnums=(0,))
 
 
-def compile_train_step(step_fn, spec, state, batch: dict, timings: dict | None = None) -> Any:
+def compile_train_step(step_fn, spec, state, batch: dict, timings: dict | None = None,
+                       compile: Callable | None = None) -> Any:
   """-> the compiled executable of `jit_train_step` for `state` and `batch` (arrays or abstract). With a
   `timings` dict, the seconds of its phases go into it: trace_s (jaxpr), lower_s (StableHLO), xla_compile_s,
   and xla_compile_cpu_s, the process's CPU seconds (all threads) in XLA's compile: the work, apart from how
-  loaded the host is (the TPU backend compiles its fusions on parallel threads)."""
+  loaded the host is (the TPU backend compiles its fusions on parallel threads). `compile(lowered, timings)`
+  replaces `lowered.compile()` (the planner's cache, `qv_jax/plan/cache.py`) and records its own timings."""
   jitted = jit_train_step(step_fn, spec, {k: v.sharding for k, v in batch.items()})
   t0 = time.perf_counter()
   traced = jitted.trace(state, batch)
   t1 = time.perf_counter()
   lowered = traced.lower()
+  if timings is not None:
+    timings.update(trace_s=t1 - t0, lower_s=time.perf_counter() - t1)
+  if compile is not None:
+    return compile(lowered, timings if timings is not None else {})
   t2, c2 = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   if timings is not None:
-    timings.update(trace_s=t1 - t0, lower_s=t2 - t1, xla_compile_s=time.perf_counter() - t2,
-                   xla_compile_cpu_s=time.process_time() - c2)
+    timings.update(xla_compile_s=time.perf_counter() - t2, xla_compile_cpu_s=time.process_time() - c2)
   return compiled
 
 
