@@ -54,6 +54,9 @@ EXTRA = (
          config=LOWMEM),
     # half a video per v6e chip on the 8-chip slice (tensor 2); neither it nor the weak row's quarter fits
     dict(size="qwen2_7b", topology="v6e:2x4", batch=4, scaling="weak", mesh="1,4,1,2", pack=1, seq_len=7168),
+    # a quarter video per v5e chip on v5e-64 with the weights over fsdp x tensor 4 (the weak row's context 4
+    # leaves the AdamW state over fsdp 16 alone, 16.96 GiB of 16)
+    dict(size="qwen2_7b", topology="v5e:8x8", batch=16, scaling="weak", mesh="1,16,1,4", pack=1, seq_len=7168),
     # a question of batch 1 on an fsdp mesh runs whole on every chip; a tensor mesh splits its work
     dict(size="qwen2_7b", topology="v5e:2x2", batch=1, scaling="inference", step="prefill", mesh="1,1,1,4"),
 )
