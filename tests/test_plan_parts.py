@@ -16,7 +16,7 @@ from qv_jax.config.errors import ConfigError
 from qv_jax.plan import hlo
 from qv_jax.plan.candidates import mesh_candidates
 from qv_jax.plan.chips import CHIPS
-from qv_jax.plan.report import rank
+from qv_jax.plan.report import rank, row
 from qv_jax.plan.roofline import roofline
 from qv_jax.plan.target import check_mesh_shape, load_target, parse_topology
 
@@ -154,6 +154,8 @@ def test_ranking_never_picks_a_plan_that_does_not_fit():
   ranked = rank(plans)
   assert [r["roofline"]["step_s"] for r in ranked] == [0.8, 1.0]
   assert all(r["memory_per_chip"]["fits"] for r in ranked)
+  failed = row(dict(plans[-1], topology="v5e:2x2", remat=None, frame_chunk=8))
+  assert failed.startswith("| v5e:2x2 | 4,1,1 | config's | 8 | failed: compile failed |") and "None" not in failed
 
 
 def test_optimizer_shardings_equal_optax_tree_map_params():

@@ -45,8 +45,9 @@ def train_command(r: dict) -> str:
 
 def row(r: dict) -> str:
   if "error" in r:
-    return (f"| {r.get('topology', '?')} | {r.get('mesh_arg', '?')} | {r.get('remat', '')} | "
-            f"{r.get('frame_chunk', '')} | failed: {r['error']} | | | | | | |")
+    remat, chunk = (("config's" if r.get(k) is None else r[k]) for k in ("remat", "frame_chunk"))
+    return (f"| {r.get('topology', '?')} | {r.get('mesh_arg', '?')} | {remat} | {chunk} | failed: {r['error']} "
+            "| | | | | | |")
   mem = r["memory_per_chip"]
   roof = r["roofline"]
   step = "" if r.get("step", "train") == "train" else f" ({r['step']})"
