@@ -3,7 +3,7 @@ the trainer's exact step traced for a topology's mesh and counted on its jaxpr (
 trip counts and remat included). Cheap (a trace, ~10-60 s each), so it answers "how much of the step is
 padding" before the compiles that give memory and collectives (`launch.plan`).
 
-  python benchmarks/plan_flops.py                              # #15: v5p-64, batch 64, stage 3
+  python benchmarks/plan_flops.py                              # #15: v5p:4x4x4, batch 64, stage 3
   python benchmarks/plan_flops.py --size qwen2_7b --topology v5p:4x4x4 --mesh 1,64,1 \
       --layouts pad:64:420:16384,pack1:64:420:7168,pack4:64:5:2048
 

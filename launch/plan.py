@@ -2,7 +2,7 @@
 per chip against HBM, FLOPs, collective traffic per mesh axis, a roofline step time, MFU and tokens/s.
 
   python -m launch.plan --config configs/quicksviewer.py:size=qwen2_7b,stage=3 --topology v5p:4x4x8 \
-      --mesh 1,-1,1 --batch 128 --frames 420 --out plans/v5p-128
+      --mesh 1,-1,1 --batch 128 --frames 420 --out plans/v5p-4x4x8
   python -m launch.plan --config ...:size=qwen2_7b,stage=3 --topology v5e:16x16 --mesh auto --jobs 2
   python -m launch.plan --config ...:size=small,stage=3 --topology v5e:2x2,v5e:2x4,v5e:4x4 \
       --sweep mesh,remat,frame_chunk --frame-chunks 8,16
@@ -29,7 +29,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 from qv_jax.config.errors import ConfigError  # noqa: E402
-from qv_jax.plan.target import check_mesh_shape, parse_topology  # noqa: E402
+from qv_jax.plan.target import canonical_topology, check_mesh_shape, parse_topology  # noqa: E402
 
 SWEEP_DIMS = ("mesh", "remat", "frame_chunk")
 
@@ -64,7 +64,7 @@ def _ints(s: str, field: str) -> tuple[int, ...]:
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="configs/quicksviewer.py:size=...,stage=...")
-  p.add_argument("--topology", required=True, help="e.g. v5p:4x4x8; several, comma-separated, sweep slices")
+  p.add_argument("--topology", required=True, help="e.g. v5p:4x4x8 or the accelerator type v5p-256; several, comma-separated, sweep slices")
   p.add_argument("--num-slices", type=int, default=1, help="slices joined by DCN (the data axis spans them)")
   p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor or data,fsdp,context,tensor (one may be -1) or 'auto'")
   p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
@@ -111,7 +111,7 @@ def jobs_from(args, config) -> list[dict]:
   chunks = (list(_ints(args.frame_chunks, "--frame-chunks")) if "frame_chunk" in sweep
             else [args.frame_chunk])
   out = []
-  for topo in [t for t in args.topology.split(",") if t]:
+  for topo in [canonical_topology(t.strip()) for t in args.topology.split(",") if t.strip()]:
     chip, dims = parse_topology(topo)
     chips = math.prod(dims) * args.num_slices
     if args.mesh == "auto" or "mesh" in sweep:

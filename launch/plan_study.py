@@ -22,14 +22,14 @@ COLAB = ("v5e:1x1", "v5e:2x2", "v5e:2x4", "v6e:1x1", "v6e:2x2", "v6e:2x4")   # v
 FRAMES = 420
 VIDEO_BUCKET = 7168   # one 420-frame video per decoder row in its sequence bucket (docs/packing.md)
 # Weak scaling: a fixed number of videos per chip for each chip kind, global batch proportional to chips.
-# A v5p chip (95 GiB) holds one 420-frame video (31.5 GiB at v5p-64); a v6e (32 GiB) half of one (a quarter
+# A v5p chip (95 GiB) holds one 420-frame video (31.5 GiB at v5p:4x4x4); a v6e (32 GiB) half of one (a quarter
 # on the 8-chip slice), a v5e (16 GiB) a quarter: the rest of the video goes to `context` chips (or `tensor`,
 # where the optimizer state, sharded over fsdp x tensor only, would not fit a small slice otherwise).
 WEAK = (("v5p:2x2x2", 8, "1,8,1,1"), ("v5p:2x4x4", 32, "1,32,1,1"), ("v5p:4x4x8", 128, "1,128,1,1"),
         ("v5p:8x8x8", 512, "1,512,1,1"),
         ("v6e:2x4", 2, "1,2,1,4"), ("v6e:8x8", 32, "1,32,2,1"), ("v6e:16x16", 128, "1,128,2,1"),
         ("v5e:4x4", 4, "1,4,1,4"), ("v5e:8x8", 16, "1,16,4,1"), ("v5e:16x16", 64, "1,64,4,1"))
-# Strong scaling: global batch 64 on the slices that can hold it (v5p-64 is the `packed` row below).
+# Strong scaling: global batch 64 on the slices that can hold it (v5p:4x4x4 is the `packed` row below).
 STRONG = (("v5p:2x4x4", "1,32,1,1"), ("v5p:4x4x8", "1,64,2,1"), ("v5p:8x8x8", "1,64,4,2"),
           ("v6e:16x16", "1,64,4,1"))
 # Fixed-mesh rows: one long video spread over chips with the context axis (issue #11: batch 16 cannot

@@ -7,7 +7,7 @@ import math
 import os
 
 from qv_jax.plan import report
-from qv_jax.plan.target import parse_topology
+from qv_jax.plan.target import display_name, parse_topology
 
 GIB = 2 ** 30
 
@@ -41,9 +41,9 @@ ran it: a shared 2-core machine, usually running two compiles at once, so roughl
 READING = """## Reading the table (compiler estimates, as everywhere here)
 
 - **Cost of a video by chip kind** (`chip-s per sample`, the roofline step times the chips over the videos):
-  about 4 chip-seconds on v5p-128 and v5p-512 (a whole video per chip, compute-bound; qwen2_7b 30.4 and
-  llama3_8b 36.0 of 95 GiB on v5p-128, so a v5p chip has room for a second video), 7.5-8.7 on v5p-8 and
-  v5p-32, where the roofline's HBM term (XLA's bytes accessed, scaled; the roughest term) grows with the
+  about 4 chip-seconds on v5p:4x4x8 and v5p:8x8x8 (a whole video per chip, compute-bound; qwen2_7b 30.4 and
+  llama3_8b 36.0 of 95 GiB on v5p:4x4x8, so a v5p chip has room for a second video), 7.5-8.7 on v5p:2x2x2 and
+  v5p:2x4x4, where the roofline's HBM term (XLA's bytes accessed, scaled; the roughest term) grows with the
   larger weight shards, about 8.4 on v6e-64 (half a video per chip,
   HBM-bound, 18.0 / 21.5 of 32 GiB) and 17-22 on v5e-256 (a quarter per chip, bound by the fsdp and context
   all-gathers). Per chip, the roofline ranks v5p > v6e > v5e for this model, before prices.
@@ -65,18 +65,18 @@ READING = """## Reading the table (compiler estimates, as everywhere here)
 
 CONTEXT_NOTE = """## Long videos on many chips (the context axis, issue #11) and packed rows (issue #15)
 
-Rows `context`: a global batch of 16 on v5p-128 or v5e-256. A batch-only mesh (data x fsdp = chips) cannot
+Rows `context`: a global batch of 16 on v5p:4x4x8 or v5e-256. A batch-only mesh (data x fsdp = chips) cannot
 run it at all: each chip needs at least one whole sample, so 128 chips need a batch of 128 (`launch.plan`
 refuses `--mesh 1,128,1 --batch 16`: "does not split over data x fsdp"). With `--mesh data,fsdp,context,tensor`
 one 420-frame video spans `context` chips (420 frames divide by 4). Hosts whose chips hold the same batch
 rows load the same samples (loading groups, docs/context.md), so the batch need only divide by the 16 groups of
-a v5p-128's 32 hosts; the planner and the trainer count them with the same function. Rows `packed`: the
+a v5p:4x4x8's 32 hosts; the planner and the trainer count them with the same function. Rows `packed`: the
 packed layout of docs/packing.md (`--pack P --seq-len N`); row `padded`: the same video batch before packing
 (one sample per row padded to `max_seq_len` 16384); rows `one-video`: what a 16 GiB v5e chip needs to hold
 one 420-frame video (a video per chip or per 2 chips; `lowmem.py` is `configs/lowmem.py`; the reading is in
 docs/packing.md). A compute-bound row shows MFU 100 %: the roofline
 takes the largest term as the step time, so its MFU is an upper bound. The FLOP tables below come from traces alone;
-rows marked `to run` had no compile in time. The v5p-128 context row's stored FLOPs predate counting
+rows marked `to run` had no compile in time. The v5p:4x4x8 context row's stored FLOPs predate counting
 `shard_map` bodies once per device (the context resampler): 0.6 % low against the recount below.
 """
 
@@ -175,7 +175,7 @@ def render(rows, row_path, out_dir: str) -> None:
            "| size | target | batch | scaling | status | meshes | best mesh | memory/chip | step | MFU | tokens/s/chip | "
            "chip-s per sample | compile per mesh |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r, d in loaded:
-    head = f"| {r['size']} | {r['topology']} | {r['batch']} | {_scaling(r)} |"
+    head = f"| {r['size']} | {display_name(r['topology'])} | {r['batch']} | {_scaling(r)} |"
     if d is None:
       lines.append(head + " to run | | | | | | | | |")
       continue
@@ -201,7 +201,8 @@ def render(rows, row_path, out_dir: str) -> None:
     plans = d.get("plans", [])
     if not plans:
       continue
-    lines += [f"### {r['size']} on {r['topology']}, batch {r['batch']} ({_scaling(r)})", "", report.HEADER]
+    lines += [f"### {r['size']} on {display_name(r['topology'])}, batch {r['batch']} ({_scaling(r)})", "",
+              report.HEADER]
     ranked = report.rank(plans)
     lines += [report.row(p) for p in ranked[:3]]
     lines += [report.row(p) for p in plans if p not in ranked]

@@ -193,6 +193,21 @@ def test_topology_and_mesh_errors_name_the_flag():
   with pytest.raises(ConfigError, match="--topology.*expected"):
     parse_topology("v5e")
   assert parse_topology("v5p:4x4x8") == (CHIPS["v5p"], (4, 4, 8))
+
+
+def test_cloud_accelerator_types_name_their_slices():
+  """v5p types count TensorCores (2 per chip), v5e (v5litepod) and v6e types count chips."""
+  from qv_jax.plan.target import accelerator_type, canonical_topology, display_name
+  assert canonical_topology("v5p-256") == "v5p:4x4x8" and parse_topology("v5p-8") == (CHIPS["v5p"], (2, 2, 1))
+  assert canonical_topology("v5litepod-16") == "v5e:4x4" and canonical_topology("v6e-8") == "v6e:2x4"
+  assert canonical_topology("v5p:2x2x2") == "v5p:2x2x2"
+  assert accelerator_type(CHIPS["v5p"], (4, 4, 8)) == "v5p-256" and accelerator_type(CHIPS["v5p"], (2, 2, 4)) == ""
+  assert display_name("v5e:16x16") == "v5e:16x16 (v5litepod-256)" and display_name("v6e:1x1") == "v6e:1x1 (v6e-1)"
+  for name in ("v5p-256", "v5p-1024", "v5litepod-4", "v6e-256"):
+    chip, dims = parse_topology(name)
+    assert accelerator_type(chip, dims) == name
+  with pytest.raises(ConfigError, match="--topology.*'v5p-32': no default shape for 32 TensorCores"):
+    parse_topology("v5p-32")
   with pytest.raises(ConfigError, match="--mesh.*6 chips.*has 4"):
     check_mesh_shape((2, 3, 1), 4)
   assert check_mesh_shape((1, -1, 2), 16) == (1, 8, 1, 2)           # data,fsdp,tensor: context 1
@@ -209,6 +224,8 @@ def test_without_libtpu_the_message_says_how_to_install(monkeypatch):
     (["--topology", "v5e:2x2", "--mesh", "2,3,1"], "--mesh`: 2x3x1 = 6 chips, but the target has 4"),
     (["--topology", "v5e:2x2", "--mesh", "1,4,1", "--batch", "6"], "global batch 6 does not split"),
     (["--topology", "tpu9:2x2"], "--topology"),
+    (["--topology", "v5p-32"], "no default shape for 32 TensorCores"),
+    (["--topology", "v5litepod-4", "--mesh", "1,8,1"], "1x8x1 = 8 chips, but the target has 4"),
     (["--topology", "v5e:4x4", "--mesh", "1,2,8", "--batch", "2"], "does not split over the 4 hosts of v5e:4x4"),
     (["--topology", "v5e:2x2", "--step", "prefill", "--pack", "2"], "--pack`: 2: packed rows take"),
 ])

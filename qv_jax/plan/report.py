@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from qv_jax.plan.target import display_name
+
 GIB = 2 ** 30
 
 
@@ -51,7 +53,8 @@ def row(r: dict) -> str:
   mem = r["memory_per_chip"]
   roof = r["roofline"]
   step = "" if r.get("step", "train") == "train" else f" ({r['step']})"
-  return (f"| {r['topology']}{'' if r['num_slices'] == 1 else ' x' + str(r['num_slices'])}{step} | {_mesh(r)} | "
+  return (f"| {display_name(r['topology'])}{'' if r['num_slices'] == 1 else ' x' + str(r['num_slices'])}{step} | "
+          f"{_mesh(r)} | "
           f"{r['remat']} | {r['frame_chunk']} | {mem['total_bytes'] / GIB:.2f} / {mem['hbm_bytes'] / GIB:.0f} "
           f"GiB {'fits' if mem['fits'] else '**does not fit**'} | {roof['step_s']:.3g} s | {roof['bound']} | "
           f"{100 * roof['mfu']:.1f}% | {roof['tokens_per_s_per_chip']:.0f} | "

@@ -38,11 +38,55 @@ class Target:
     return len(self.devices)
 
 
-def parse_topology(name: str) -> tuple[Chip, tuple[int, ...]]:
-  """'v5p:4x4x8' -> (the chip, (4, 4, 8)); a ConfigError naming --topology otherwise."""
-  m = _NAME.match(name or "")
+# Google Cloud accelerator types -> their default slice shapes (cloud.google.com/tpu/docs/v5p, /v5e, /v6e).
+# v5p types count TensorCores (2 per chip: v5p-256 is 128 chips); v5e (v5litepod-N) and v6e types count chips.
+_V5P_TYPES = {8: "2x2x1", 16: "2x2x2", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8", 512: "4x8x8", 1024: "8x8x8",
+              2048: "8x8x16", 4096: "8x16x16", 8192: "16x16x16", 12288: "16x16x24"}
+_LITE_TYPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_TYPE = re.compile(r"^(v5p|v5litepod|v5e|v6e)-(\d+)$")
+
+
+def canonical_topology(name: str) -> str:
+  """A Google Cloud accelerator type ('v5p-256', 'v5litepod-16', 'v6e-8') -> its libtpu topology
+  ('v5p:4x4x8', 'v5e:4x4', 'v6e:2x4'); a '<chip>:<grid>' name is returned as it is."""
+  m = _TYPE.match((name or "").strip().lower())
   if not m:
-    raise ConfigError("--topology", f"{name!r}; expected <chip>:<AxB[xC]>, e.g. v5e:4x4 or v5p:4x4x8")
+    return name
+  kind, n = m.group(1), int(m.group(2))
+  kind = "v5e" if kind == "v5litepod" else kind
+  table = _V5P_TYPES if kind == "v5p" else _LITE_TYPES
+  if n not in table:
+    unit = "TensorCores, 2 per chip" if kind == "v5p" else "chips"
+    raise ConfigError("--topology", f"{name!r}: no default shape for {n} {unit}; known: "
+                                    f"{', '.join(f'{m.group(1)}-{k}' for k in table)}, or give the grid "
+                                    f"({kind}:AxB{'xC' if kind == 'v5p' else ''})")
+  return f"{kind}:{table[n]}"
+
+
+def accelerator_type(chip: Chip, dims: tuple[int, ...]) -> str:
+  """The Google Cloud accelerator type of a slice ('v5p-256' for v5p:4x4x8), or '' if it has none."""
+  grid = "x".join(str(d) for d in dims)
+  if chip.name == "v5p":
+    cores = {v: k for k, v in _V5P_TYPES.items()}.get(grid)
+    return f"v5p-{cores}" if cores else ""
+  chips = {v: k for k, v in _LITE_TYPES.items()}.get(grid)
+  return (f"v5litepod-{chips}" if chip.name == "v5e" else f"{chip.name}-{chips}") if chips else ""
+
+
+def display_name(topology: str) -> str:
+  """'v5p:4x4x8' -> 'v5p:4x4x8 (v5p-256)': the grid and, where it has one, the Cloud TPU type to order."""
+  chip, dims = parse_topology(topology)
+  acc = accelerator_type(chip, dims)
+  return f"{topology} ({acc})" if acc else topology
+
+
+def parse_topology(name: str) -> tuple[Chip, tuple[int, ...]]:
+  """'v5p:4x4x8' (or the accelerator type 'v5p-256') -> (the chip, (4, 4, 8)); a ConfigError naming
+  --topology otherwise."""
+  m = _NAME.match(canonical_topology(name) or "")
+  if not m:
+    raise ConfigError("--topology", f"{name!r}; expected <chip>:<AxB[xC]>, e.g. v5e:4x4 or v5p:4x4x8, or a "
+                                    "Cloud TPU accelerator type (v5p-256, v5litepod-16, v6e-8)")
   kind, dims = m.group(1), tuple(int(d) for d in m.group(2).split("x"))
   if kind not in CHIPS:
     raise ConfigError("--topology", f"unknown chip {kind!r} in {name!r}; known: {sorted(CHIPS)}")
@@ -59,7 +103,9 @@ def _host_bounds(chip: Chip, dims: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 def load_target(topology: str, num_slices: int = 1) -> Target:
-  """The topology's devices from libtpu (compile-only; no TPU needed)."""
+  """The topology's devices from libtpu (compile-only; no TPU needed). `topology`: '<chip>:<grid>' or an
+  accelerator type (`canonical_topology`); the target carries the '<chip>:<grid>' name."""
+  topology = canonical_topology(topology)
   chip, dims = parse_topology(topology)
   if int(num_slices) < 1:
     raise ConfigError("--num-slices", f"must be >= 1, got {num_slices}")
