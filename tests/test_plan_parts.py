@@ -106,6 +106,61 @@ ENTRY %main (a: bf16[8,128], b: f32[16]) -> f32[16] {
   assert colls["reduce-scatter"].axes == ("d", "t")
 
 
+def test_hbm_traffic_weights_each_op_by_its_loop_trips():
+  """Per op: operands in, result out; a fused operand that is only sliced moves its slice, an in-place
+  dynamic-update-slice root its update; the loop body's bytes count 7 times in the weighted sum."""
+  text = """HloModule m
+%fused_slice (a: f32[64,32], i: s32[]) -> f32[1,32] {
+  %a = f32[64,32]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,32]{1,0} dynamic-slice(%a, %i, %z), dynamic_slice_sizes={1,32}
+}
+%fused_dus (buf: f32[64,32], u: f32[1,32], i: s32[]) -> f32[64,32] {
+  %buf = f32[64,32]{1,0} parameter(0)
+  %u = f32[1,32]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %z = s32[] constant(0)
+  %e = f32[1,32]{1,0} exponential(%u)
+  ROOT %d = f32[64,32]{1,0} dynamic-update-slice(%buf, %e, %i, %z)
+}
+%body (p: (s32[], f32[64,32], f32[64,32])) -> (s32[], f32[64,32], f32[64,32]) {
+  %p = (s32[], f32[64,32]{1,0}, f32[64,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[64,32]{1,0} get-tuple-element(%p), index=1
+  %y = f32[64,32]{1,0} get-tuple-element(%p), index=2
+  %row = f32[1,32]{1,0} fusion(%x, %i), kind=kLoop, calls=%fused_slice
+  %y2 = f32[64,32]{1,0} fusion(%y, %row, %i), kind=kLoop, calls=%fused_dus
+  %one = s32[] constant(1)
+  %i2 = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[64,32]{1,0}, f32[64,32]{1,0}) tuple(%i2, %x, %y2)
+}
+%cond (q: (s32[], f32[64,32], f32[64,32])) -> pred[] {
+  %q = (s32[], f32[64,32]{1,0}, f32[64,32]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %c = s32[] constant(7)
+  ROOT %lt = pred[] compare(%j, %c), direction=LT
+}
+ENTRY %main (x: f32[64,32], y: f32[64,32]) -> f32[64,32] {
+  %x = f32[64,32]{1,0} parameter(0)
+  %y = f32[64,32]{1,0} parameter(1)
+  %z = s32[] constant(0)
+  %t0 = (s32[], f32[64,32]{1,0}, f32[64,32]{1,0}) tuple(%z, %x, %y)
+  %w = (s32[], f32[64,32]{1,0}, f32[64,32]{1,0}) while(%t0), condition=%cond, body=%body
+  %r = f32[64,32]{1,0} get-tuple-element(%w), index=2
+  ROOT %n = f32[64,32]{1,0} negate(%r)
+}
+"""
+  row, whole, scalar = 32 * 4, 64 * 32 * 4, 4
+  body = row + scalar + row           # the slice fusion: reads one row of x and the index, writes the row
+  body += row + scalar + row          # the update fusion: reads the row and the index, writes the row in place
+  body += 3 * scalar                  # the counter's add
+  entry = 2 * whole                   # negate
+  weighted, once = hlo.hbm_traffic(text)
+  assert once == body + entry
+  assert weighted == 7 * body + entry
+
+
 def test_empty_replica_groups_mean_all_devices():
   text = """HloModule m
 ENTRY %main (a: f32[8]) -> f32[8] {

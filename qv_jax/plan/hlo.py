@@ -1,4 +1,4 @@
-"""Collective traffic read from a compiled program's optimized HLO text.
+"""Collective traffic, and HBM traffic per loop, read from a compiled program's optimized HLO text.
 
 Every all-gather, reduce-scatter, all-reduce, all-to-all and collective-permute (sync or async `-start`) is
 found in every computation, multiplied by how often its computation runs (a while body by its trip count,
@@ -223,3 +223,102 @@ def summarize(colls: Iterable[Collective]) -> dict:
   return {"wire_bytes_by_kind": by_kind, "wire_bytes_by_axis": dict(by_axis), "executions_by_kind": dict(ops),
           "wire_bytes_total": sum(by_kind.values())}
 
+
+
+_FREE = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "conditional", "call",
+         "after-all", "partition-id", "replica-id", "opt-barrier"}
+_SLICERS = {"dynamic-slice", "slice", "gather"}
+
+
+def _control_computations(comps: dict[str, list[Instr]], entry: str) -> set[str]:
+  """The entry and what it runs as control flow (while bodies, branches, calls): the computations whose
+  instructions touch HBM. Loop conditions (a scalar compare), fusion bodies, reducers and async wrappers are
+  not among them."""
+  out, todo = set(), [entry]
+  while todo:
+    name = todo.pop()
+    if name in out or name not in comps:
+      continue
+    out.add(name)
+    for ins in comps[name]:
+      if ins.op == "while":
+        todo += re.findall(r"\bbody=%?([\w.\-]+)", ins.rest)
+      elif ins.op == "conditional":
+        branches = _BRANCHES.search(ins.rest)
+        todo += re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else []
+        todo += re.findall(r"\b(?:true_computation|false_computation)=%?([\w.\-]+)", ins.rest)
+      elif ins.op == "call":
+        todo += re.findall(r"\bto_apply=%?([\w.\-]+)", ins.rest)
+  return out
+
+
+def _fusion_bytes(ins: Instr, operand_bytes: list[float], fused: list[Instr]) -> float:
+  """Bytes a fusion reads and writes: each operand whole, or only the slices taken of it when every use in
+  the fused body slices it; the result whole, or only the update of an in-place dynamic-update-slice root."""
+  params = {}
+  for i in fused:
+    if i.op == "parameter":
+      m = re.match(r"\s*(\d+)", i.rest)
+      if m:
+        params[i.name] = int(m.group(1))
+  users: dict[str, list[Instr]] = collections.defaultdict(list)
+  for i in fused:
+    for o in _operand_names(i.rest):
+      if o in params:
+        users[o].append(i)
+  by_name = {i.name: i for i in fused}
+  root = fused[-1] if fused else None
+  roots = ([by_name.get(o) for o in _operand_names(root.rest)] if root is not None and root.op == "tuple"
+           else [root])
+  written, in_place = 0.0, set()
+  for r in roots:
+    if r is None:
+      continue
+    if r.op == "dynamic-update-slice":
+      ops = _operand_names(r.rest)
+      written += shape_bytes(by_name[ops[1]].shape) if len(ops) > 1 and ops[1] in by_name else 0.0
+      in_place.update(o for o in ops[:1] if o in params)
+    else:
+      written += shape_bytes(r.shape)
+  read = 0.0
+  for name, idx in params.items():
+    if name in in_place:
+      continue
+    uses = users.get(name, [])
+    if uses and all(u.op in _SLICERS and _operand_names(u.rest)[:1] == [name] for u in uses):
+      read += sum(shape_bytes(u.shape) for u in uses)
+    elif idx < len(operand_bytes):
+      read += operand_bytes[idx]
+  return read + written
+
+
+def hbm_traffic(text: str) -> tuple[float, float]:
+  """(bytes per step with loop bodies times their trip counts, bytes with every op once) read and written by
+  the top-level ops of the optimized HLO `text`, by the per-op model of XLA's cost analysis: an op reads its
+  operands and writes its result; a fusion as in `_fusion_bytes`; (dynamic-)slices move their result, an
+  in-place dynamic-update-slice its update; tuples, bitcasts, parameters and async `-done` halves are free.
+  Their ratio scales XLA's bytes accessed, which counts each loop body once, by where the bytes are."""
+  comps, entry = parse_computations(text)
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  counts = execution_counts(comps, entry)
+  weighted = once = 0.0
+  for cname in _control_computations(comps, entry):
+    instrs = comps[cname]
+    shapes = {i.name: i.shape for i in instrs}
+    for ins in instrs:
+      if ins.op in _FREE or ins.op.endswith("-done"):
+        continue
+      operands = [shape_bytes(shapes.get(o, "")) for o in _operand_names(ins.rest)]
+      if ins.op == "fusion":
+        called = re.search(r"\bcalls=%?([\w.\-]+)", ins.rest)
+        b = _fusion_bytes(ins, operands, comps.get(called.group(1), []) if called else [])
+      elif ins.op == "dynamic-update-slice":
+        b = 2 * (operands[1] if len(operands) > 1 else 0.0)
+      elif ins.op in ("dynamic-slice", "slice"):
+        b = 2 * shape_bytes(ins.shape)
+      else:
+        b = shape_bytes(ins.shape) + sum(operands)
+      weighted += b * counts.get(cname, 1)
+      once += b
+  return weighted, once

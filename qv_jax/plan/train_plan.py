@@ -145,14 +145,17 @@ def analyse(compiled, mesh, target: Target, *, flops: float, tokens: float, dcn_
   chip, n = target.chip, target.num_chips
   memory = _memory(compiled)
   cost = _cost(compiled)
-  colls = hlo.collectives(compiled.as_text(), _slice_mesh_shape(mesh, target.num_slices),
-                          tuple(mesh.axis_names))
+  text = compiled.as_text()
+  colls = hlo.collectives(text, _slice_mesh_shape(mesh, target.num_slices), tuple(mesh.axis_names))
   traffic = hlo.summarize(colls)
   dcn = float(dcn_bytes)
   flops_chip = flops / n
-  # XLA counts a loop body once; scale its bytes by the jaxpr/XLA FLOP ratio when loops hide work.
-  scale = max(flops_chip / cost["flops"], 1.0) if cost["flops"] else 1.0
-  hbm_bytes = cost["bytes_accessed"] * scale
+  # XLA counts a loop body once: its bytes are scaled by where the bytes are, each op's bytes times the trip
+  # counts of its loops (hlo.hbm_traffic). Rows planned before that scaled them by the jaxpr/XLA FLOP ratio.
+  flop_scale = max(flops_chip / cost["flops"], 1.0) if cost["flops"] else 1.0
+  weighted, once = hlo.hbm_traffic(text)
+  loop_scale = max(weighted / once, 1.0) if once else 1.0
+  hbm_bytes = cost["bytes_accessed"] * loop_scale
   ici = {a: b for a, b in traffic["wire_bytes_by_axis"].items() if a != "none"}
   roof = roofline(flops_per_chip=flops_chip, model_flops_per_chip=flops_chip, hbm_bytes_per_chip=hbm_bytes,
                   ici_bytes_by_axis=ici, dcn_bytes=dcn, tokens_per_step=tokens, num_chips=n,
@@ -164,7 +167,9 @@ def analyse(compiled, mesh, target: Target, *, flops: float, tokens: float, dcn_
       "memory_per_chip": dict(memory, hbm_bytes=chip.hbm_bytes, fits=memory["total_bytes"] <= chip.hbm_bytes,
                               margin_bytes=chip.hbm_bytes - memory["total_bytes"]),
       "flops_per_chip": {"jaxpr_matmul": flops_chip, "xla_cost_analysis": cost["flops"]},
-      "hbm_bytes_accessed_per_chip": {"xla_cost_analysis": cost["bytes_accessed"], "scaled": hbm_bytes},
+      "hbm_bytes_accessed_per_chip": {"xla_cost_analysis": cost["bytes_accessed"], "loop_weighted": hbm_bytes,
+                                      "loop_scale": loop_scale, "flop_scaled": cost["bytes_accessed"] * flop_scale,
+                                      "flop_scale": flop_scale},
       "collectives_per_chip": dict(traffic, dcn_wire_bytes=dcn),
       "roofline": roof.as_dict(), "tokens_per_step": tokens,
   }
