@@ -85,7 +85,32 @@ def _load(path):
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    d = json.load(f)
+  return dict(d, plans=[_flop_view(p) for p in d.get("plans", [])])
+
+
+def _flop_view(p: dict) -> dict:
+  """The plan with its roofline on the FLOP-scaled HBM term, which every stored row has (rows planned before
+  2026-12-02 have no other), so that rows compare; `hbm_loop_s` keeps the planner's loop-weighted HBM term
+  (`hlo.hbm_traffic`) where the row has it."""
+  h, roof = p.get("hbm_bytes_accessed_per_chip"), p.get("roofline")
+  if not h or not roof:
+    return p
+  bw = p["chip"]["hbm_bw"]
+  terms = {"compute": roof["compute_s"], "hbm": h.get("flop_scaled", h.get("scaled", 0.0)) / bw,
+           **{f"ici:{a}": t for a, t in roof["ici_s"].items()}, "dcn": roof["dcn_s"]}
+  bound = max(terms, key=terms.get)
+  step = terms[bound]
+  view = dict(roof, hbm_s=terms["hbm"], step_s=step, bound=bound, serial_s=sum(terms.values()),
+              mfu=roof["mfu"] * roof["step_s"] / step,
+              tokens_per_s_per_chip=roof["tokens_per_s_per_chip"] * roof["step_s"] / step,
+              hbm_loop_s=h["loop_weighted"] / bw if "loop_weighted" in h else None)
+  return dict(p, roofline=view)
+
+
+def _step(roof: dict) -> str:
+  loop = f"; HBM loop-weighted {roof['hbm_loop_s']:.2f} s" if roof.get("hbm_loop_s") is not None else ""
+  return f"{roof['step_s']:.2f} s ({roof['bound']}{loop})"
 
 
 def _flops_tables(out_dir: str) -> list[str]:
@@ -152,8 +177,7 @@ def _inference_table(loaded) -> list[str]:
     if ranked:
       b = ranked[0]
       out.append(head + f" {report._mesh(b)} | {b['memory_per_chip']['total_bytes'] / GIB:.1f} / "
-                 f"{b['memory_per_chip']['hbm_bytes'] / GIB:.0f} GiB | {b['roofline']['step_s']:.2f} s "
-                 f"({b['roofline']['bound']}) | yes |")
+                 f"{b['memory_per_chip']['hbm_bytes'] / GIB:.0f} GiB | {_step(b['roofline'])} | yes |")
     else:
       out.append(head + f" | | | no: {d.get('error') or _why_not(d.get('plans', []))} |")
   return out + [""]
@@ -191,8 +215,8 @@ def render(rows, row_path, out_dir: str) -> None:
     b = ranked[0]
     lines.append(head + f" computed {d.get('computed_at', '')} | {tried} | {report._mesh(b)} | "
                  f"{b['memory_per_chip']['total_bytes'] / GIB:.1f} / "
-                 f"{b['memory_per_chip']['hbm_bytes'] / GIB:.0f} GiB | {b['roofline']['step_s']:.2f} s "
-                 f"({b['roofline']['bound']}) | {100 * b['roofline']['mfu']:.1f}% | "
+                 f"{b['memory_per_chip']['hbm_bytes'] / GIB:.0f} GiB | {_step(b['roofline'])} | "
+                 f"{100 * b['roofline']['mfu']:.1f}% | "
                  f"{b['roofline']['tokens_per_s_per_chip']:.0f} | {_chip_s_per_sample(r, b):.2f} | {ctime} |")
   lines += ["", READING, CONTEXT_NOTE]
   lines += _flops_tables(out_dir)
