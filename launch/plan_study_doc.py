@@ -21,10 +21,14 @@ estimates, not measurements.** The memory per chip is the compiler's own buffer 
 trustworthy figure); the step time assumes peak FLOP/s, perfect overlap of compute and communication and
 full-ring ICI bandwidth, so it is a lower bound and MFU an upper bound (real kernels reach perhaps
 50-70 % of peak). Where the HBM term is the bound, it is XLA's bytes-accessed count scaled up by the
-jaxpr/XLA FLOP ratio (XLA counts a loop body once): a rough figure, not a traffic model.
+jaxpr/XLA FLOP ratio (XLA counts a loop body once): a rough figure, not a traffic model. Every step below
+uses that FLOP-scaled term, so that all rows compare; rows compiled since 2026-12-02 also show the planner's
+newer HBM term, which weights each HLO op by its loops' trip counts (`HBM loop-weighted`, docs/planner.md).
 
 Setup: stage 3 (everything trains), 420 frames per video, AdamW in fp32 params with bf16 compute, vision remat
-on, frame_chunk 16. Topologies are named by chips (`v5p:4x4x8` = 128 chips). The weak and strong rows put one
+on, frame_chunk 16. Targets are libtpu topologies named by their chip grid (`v5p:4x4x8` = 128 chips), with
+the Cloud TPU accelerator type to order in brackets: v5p types count TensorCores, two per chip (`v5p-256`),
+v5e (`v5litepod-N`) and v6e types count chips. The weak and strong rows put one
 video per decoder row in its 7168-position sequence bucket (`--pack 1 --seq-len 7168`, the layout
 docs/packing.md recommends; the `padded` row shows the old `max_seq_len` 16384). Weak scaling: a fixed number
 of videos per chip for each chip kind, so the global batch grows with the chips: one per v5p chip (95 GiB),
