@@ -136,6 +136,24 @@ def jobs_from(args, config) -> list[dict]:
   return out
 
 
+def check_loading_groups(jobs: list[dict]) -> None:
+  """One line, before any compile, when no job's batch splits over its loading groups: the hosts that hold
+  distinct batch rows (`qv_jax.sharding.loading_groups`; context and tensor chips on other hosts share rows,
+  so a 1,64,4,2 mesh over v5p:8x8x8's 128 hosts loads 64 distinct rows). The trainer checks the same."""
+  from qv_jax.plan.target import load_target, target_mesh
+  from qv_jax.sharding import loading_groups
+  errors = []
+  for job in jobs:
+    target = load_target(job["topology"], job["num_slices"])      # libtpu present, the topology loads
+    groups = loading_groups(target_mesh(target, job["mesh"]), process_index=target.devices[0].process_index)[0]
+    if job["batch"] % groups:
+      errors.append(f"global batch {job['batch']} does not split over the {groups} loading groups (hosts "
+                    f"holding distinct batch rows) of mesh {','.join(map(str, job['mesh']))} on {job['topology']}"
+                    + (f" x {job['num_slices']} slices" if job["num_slices"] > 1 else ""))
+  if errors and len(errors) == len(jobs):
+    raise ConfigError("--batch", errors[0])
+
+
 def run_one(config_spec: str, job: dict, cache_dir: str) -> dict:
   """Plans one job in this process; errors become {'error': one line}."""
   from qv_jax.plan.train_plan import apply_overrides, error_detail, plan_error, plan_train
@@ -204,12 +222,8 @@ def main(argv=None) -> int:
       return 0
     config = load_config(args.config)
     jobs = jobs_from(args, config)
-    from qv_jax.plan.target import load_target
-    for topo in sorted({j["topology"] for j in jobs}):
-      hosts = load_target(topo, args.num_slices).num_hosts     # libtpu present, the topology loads
-      if args.step == "train" and jobs[0]["batch"] % hosts:
-        raise ConfigError("--batch", f"global batch {jobs[0]['batch']} does not split over the {hosts} hosts "
-                                     f"of {topo}" + (f" x {args.num_slices} slices" if args.num_slices > 1 else ""))
+    if args.step == "train":
+      check_loading_groups(jobs)
   except ConfigError as e:
     print(f"launch.plan: {e}", file=sys.stderr)
     return 2

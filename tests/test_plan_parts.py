@@ -281,7 +281,6 @@ def test_without_libtpu_the_message_says_how_to_install(monkeypatch):
     (["--topology", "tpu9:2x2"], "--topology"),
     (["--topology", "v5p-32"], "no default shape for 32 TensorCores"),
     (["--topology", "v5litepod-4", "--mesh", "1,8,1"], "1x8x1 = 8 chips, but the target has 4"),
-    (["--topology", "v5e:4x4", "--mesh", "1,2,8", "--batch", "2"], "does not split over the 4 hosts of v5e:4x4"),
     (["--topology", "v5e:2x2", "--step", "prefill", "--pack", "2"], "--pack`: 2: packed rows take"),
 ])
 def test_cli_bad_input_is_one_line_before_compiling(args, expected, tmp_path):
@@ -291,6 +290,16 @@ def test_cli_bad_input_is_one_line_before_compiling(args, expected, tmp_path):
   lines = [l for l in out.stderr.splitlines() if l.startswith("launch.plan:")]
   assert len(lines) == 1 and expected in lines[0], out.stderr[-2000:]
   assert "Traceback" not in out.stderr
+
+
+def test_batch_splits_over_loading_groups_not_hosts():
+  """Context and tensor chips on other hosts share rows: batch 64 on v5p:8x8x8's 128 hosts with a 1,64,4,2
+  mesh is 64 loading groups (the study's strong row), and fsdp 2 x tensor 8 on v5e:4x4's 4 hosts is 2."""
+  from launch import plan
+  for argv in (["--topology", "v5p:8x8x8", "--mesh", "1,64,4,2", "--batch", "64"],
+               ["--topology", "v5e:4x4", "--mesh", "1,2,8", "--batch", "2"]):
+    args = plan.parse_args(["--config", "configs/quicksviewer.py:size=tiny,stage=3"] + argv)
+    plan.check_loading_groups(plan.jobs_from(args, plan.load_config(args.config)))
 
 
 def _packed_sample(sid: int, num_frames: int, length: int, bound: int, size: int) -> dict:
