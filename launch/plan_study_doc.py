@@ -37,33 +37,53 @@ half of one per v6e chip (32 GiB; a quarter on v6e-8, where neither fits), a qua
 where the optimizer state (about 102 GiB, sharded over fsdp x tensor but not context) would not fit otherwise. Strong scaling: global batch 64 on the slices that can
 hold it. Each row compiles the one mesh its `mesh` column names (a feasibility and cost figure, not a mesh
 search: `launch.plan --mesh auto` ranks candidates for one row); the inference rows compiled the first
-`--mesh auto` candidate (fsdp only), and v5e-4 also a tensor-only mesh. `compile per mesh` is the wall time of trace + compile on the host that
-ran it: a shared 2-core machine, usually running two compiles at once, so roughly twice a quiet host's time.
+`--mesh auto` candidate (fsdp only), and v5e-4 also a tensor-only mesh. `compile per mesh` is the wall time
+of trace + compile on the host that ran it, a shared 2-core machine: rows computed before 2026-12-02 04:00 UTC
+mostly ran two compiles at once (roughly twice a quiet host's time), later ones one at a time.
 """
 
 
 READING = """## Reading the table (compiler estimates, as everywhere here)
 
+- **Which slices can train stage 3 at 420 frames at all.** Every v5p slice, with a whole video per chip
+  (qwen2_7b / llama3_8b 52.8 / 58.0 GiB on 8 chips, falling to 30.4 / 36.0 on 128: fsdp spreads the state).
+  v6e from 64 chips, with half a video per chip (18.0 / 21.5 GiB on 64 chips, 15.6 / 17.5 on 256); v6e-8
+  fits with neither half (34.9 GiB of 32) nor a quarter (33.9 / 36.0). v5e only at 256 chips, with a quarter
+  video per chip (12.4 / 13.3 GiB of 16): on v5e-16 XLA runs out of HBM for its temporaries (17.96 / 18.55 G
+  of 15.75 G) and on v5e-64 a quarter video per chip needs 17.0 / 16.9 GiB with context 4, and qwen2_7b 17.0
+  with tensor 4. What holds the small slices back is the state: params and AdamW moments (about 102 GiB for
+  qwen2_7b) shard over fsdp x tensor but not over context, and `tensor` does not split the 151673-token
+  vocabulary (it divides by no power of two above 1), so qwen2_7b's embedding and LM head (2.0 GiB each in
+  fp32, and their two AdamW moments) are split by fsdp only. Padding the vocabulary to a multiple of 128
+  (Qwen2.5's own checkpoints pad to 152064 rows) and sharding the weights over context as well (MaxText's fsdp
+  over the sequence axis) are the next changes to try; neither is built.
 - **Cost of a video by chip kind** (`chip-s per sample`, the roofline step times the chips over the videos):
-  about 4 chip-seconds on v5p:4x4x8 and v5p:8x8x8 (a whole video per chip, compute-bound; qwen2_7b 30.4 and
-  llama3_8b 36.0 of 95 GiB on v5p:4x4x8, so a v5p chip has room for a second video), 7.5-8.7 on v5p:2x2x2 and
-  v5p:2x4x4, where the roofline's HBM term (XLA's bytes accessed, scaled; the roughest term) grows with the
-  larger weight shards, about 8.4 on v6e-64 (half a video per chip,
-  HBM-bound, 18.0 / 21.5 of 32 GiB) and 17-22 on v5e-256 (a quarter per chip, bound by the fsdp and context
-  all-gathers). Per chip, the roofline ranks v5p > v6e > v5e for this model, before prices.
-- **Small slices are held back by the optimizer state.** Params and AdamW moments (about 102 GiB for
-  qwen2_7b) shard over fsdp x tensor but not over context, so context chips each keep a copy of their fsdp
-  shard, and `tensor` does not split the 151673-token vocabulary (it divides by no power of two above 1), so
-  qwen2_7b's embedding and LM head (2.0 GiB each in fp32, and their two AdamW moments) are split by fsdp
-  only. On v6e-8 neither half a video per chip (mesh 1,4,1,2: 34.9 of 32 GiB) nor a quarter (1,2,1,4: 33.9
-  GiB; llama3_8b 36.0) fits. Padding the vocabulary to a multiple of 128 (Qwen2.5's own checkpoints pad to
-  152064 rows) and sharding the weights over context as well (MaxText's fsdp over the sequence axis) are the next
-  changes to try.
+  about 4 chip-seconds on v5p:4x4x8 and v5p:8x8x8 (compute-bound: a v5p chip has room for a second video),
+  7.5-8.7 on v5p:2x2x2 and v5p:2x4x4 (HBM-bound), 8.1-8.6 on v6e-64 and v6e-256 (HBM-bound) and 17-22 on
+  v5e-256 (bound by the fsdp and context all-gathers). Per chip the roofline ranks v5p > v6e > v5e for this
+  model, before prices.
+- **Strong scaling, batch 64.** qwen2_7b: 16.4 s per step on v5p:2x4x4 (32 chips, two videos per chip,
+  60.5 GiB), 2.33 s on v5p:4x4x8 (mesh 1,64,2,1: each video over 2 context chips, 16.7 GiB), 0.76 s on
+  v5p:8x8x8 (1,64,4,2, 9.6 GiB) and 2.06 s on v6e:16x16 (1,64,4,1, 11.2 GiB); llama3_8b 16.6, 2.41, 0.74 and
+  2.03 s. 4x the chips from 32 to 128 is 7x faster (the 32-chip step is HBM-bound with two videos per chip),
+  4x again to 512 only 3.1x: chip-seconds per video 8.2, 4.7 and 6.1 (llama3_8b 8.3, 4.8, 6.0). For a batch of
+  64 videos, 128 v5p chips with context 2 is the cheapest of these.
+- **How far to trust the HBM term.** Where a row has both (compiled since 2026-12-02), the loop-weighted HBM
+  term (each HLO op times its loops' trip counts) is above the FLOP-scaled one every time: 1.06 against 0.76 s
+  (qwen2_7b, v5p:8x8x8, batch 64), 2.82 against 2.41 s (llama3_8b, v5p:4x4x8, batch 64), 4.90 against 4.06 s
+  (llama3_8b, v6e:16x16, batch 128), and 20.4 against 5.6 s for qwen2_7b on v5e:8x8 with tensor 4,
+  where `tensor` splits the FLOPs of the vision tower but not the bytes of its activations. So the HBM-bound
+  step times of the table are optimistic by about 1.2-1.5x, and by far more on tensor meshes; the compute and
+  ICI terms and the memory per chip do not depend on it.
 - **Inference:** every Colab-sized runtime but v5e-1 serves one 420-frame question (v5e-1: 29 GiB of
   temporaries against 15.75 GiB); one v6e chip needs 26.4 of 32 GiB. With a batch of one, an fsdp mesh runs
   the whole prefill on every chip and only spreads the weights; on v5e-4 a tensor mesh (1,1,1,4) takes
   2.45 s against 4.01 s for fsdp 4, at 12.4 instead of 10.6 GiB (the 151673-token vocabulary does not divide
   by 4, so its two 1 GiB matrices stay whole on every chip).
+- **Compile cost.** Rows compiled one at a time on an otherwise idle host (2026-12-02 after 04:50 UTC) took
+  267-335 s of wall time (469-603 XLA CPU seconds), the two v6e:16x16 llama3_8b rows 519-532 s (941-975 CPU
+  seconds): under the issue's 10 minutes per configuration. Three earlier rows that day shared the host with
+  other work (560-703 s); the rows before ran two or three at once and took longer.
 """
 
 
@@ -79,8 +99,8 @@ packed layout of docs/packing.md (`--pack P --seq-len N`); row `padded`: the sam
 (one sample per row padded to `max_seq_len` 16384); rows `one-video`: what a 16 GiB v5e chip needs to hold
 one 420-frame video (a video per chip or per 2 chips; `lowmem.py` is `configs/lowmem.py`; the reading is in
 docs/packing.md). A compute-bound row shows MFU 100 %: the roofline
-takes the largest term as the step time, so its MFU is an upper bound. The FLOP tables below come from traces alone;
-rows marked `to run` had no compile in time. The v5p:4x4x8 context row's stored FLOPs predate counting
+takes the largest term as the step time, so its MFU is an upper bound. The FLOP tables below come from traces alone.
+The v5p:4x4x8 context row's stored FLOPs predate counting
 `shard_map` bodies once per device (the context resampler): 0.6 % low against the recount below.
 """
 
@@ -197,9 +217,9 @@ def render(rows, row_path, out_dir: str) -> None:
   cost = (f"the released-size compile took {min(walls):.0f}-{max(walls):.0f} minutes of wall time per mesh "
           "on the shared 2-core host (XLA's TPU compile is all but a minute of it)" if walls else "")
   cost += f"; XLA's compile was {min(cpus):.0f}-{max(cpus):.0f} CPU seconds where measured" if cpus else ""
-  lines = [INTRO, "## Status", "",
-           f"{len(done)} of {len(rows)} rows computed; the others are still to run"
-           + (f" ({cost}, see docs/planner.md)." if cost else "."), "",
+  status = (f"All {len(rows)} rows computed" if len(done) == len(rows) else
+            f"{len(done)} of {len(rows)} rows computed; the others are still to run")
+  lines = [INTRO, "## Status", "", status + (f" ({cost}, see docs/planner.md)." if cost else "."), "",
            "| size | target | batch | scaling | status | meshes | best mesh | memory/chip | step | MFU | tokens/s/chip | "
            "chip-s per sample | compile per mesh |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r, d in loaded:
