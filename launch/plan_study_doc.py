@@ -68,13 +68,18 @@ READING = """## Reading the table (compiler estimates, as everywhere here)
   2.03 s. 4x the chips from 32 to 128 is 7x faster (the 32-chip step is HBM-bound with two videos per chip),
   4x again to 512 only 3.1x: chip-seconds per video 8.2, 4.7 and 6.1 (llama3_8b 8.3, 4.8, 6.0). For a batch of
   64 videos, 128 v5p chips with context 2 is the cheapest of these.
-- **How far to trust the HBM term.** Where a row has both (compiled since 2026-12-02), the loop-weighted HBM
-  term (each HLO op times its loops' trip counts) is above the FLOP-scaled one every time: 1.06 against 0.76 s
-  (qwen2_7b, v5p:8x8x8, batch 64), 2.82 against 2.41 s (llama3_8b, v5p:4x4x8, batch 64), 4.90 against 4.06 s
-  (llama3_8b, v6e:16x16, batch 128), and 20.4 against 5.6 s for qwen2_7b on v5e:8x8 with tensor 4,
-  where `tensor` splits the FLOPs of the vision tower but not the bytes of its activations. So the HBM-bound
-  step times of the table are optimistic by about 1.2-1.5x, and by far more on tensor meshes; the compute and
-  ICI terms and the memory per chip do not depend on it.
+- **How far to trust the HBM term.** Where a row has both (compiled since 2026-12-02; three weak qwen2_7b rows
+  were recompiled for this, with the same memory and FLOP-scaled figures as before), the loop-weighted HBM
+  term (each HLO op times its loops' trip counts) is above the FLOP-scaled one every time: 10.3 against 7.5 s
+  (v5p:2x2x2, batch 8), 6.27 against 3.92 s (v5p:8x8x8, batch 512: the step turns HBM-bound, above the 4.03 s
+  compute term, so the 4 chip-seconds per video of the large v5p slices become about 6), 4.44 against 4.19 s
+  (v6e:8x8), 1.06 against 0.76 s (v5p:8x8x8, batch 64), 2.82 against 2.41 s (llama3_8b, v5p:4x4x8, batch 64),
+  4.90 against 4.06 s (llama3_8b, v6e:16x16, batch 128), and 20.4 against 5.6 s for qwen2_7b on v5e:8x8 with
+  tensor 4, where `tensor` splits the FLOPs of the vision tower but not the bytes of its activations. So the
+  HBM-bound step times of the table are optimistic by 1.1-1.6x, and by far more on tensor meshes; the compute
+  and ICI terms and the memory per chip do not depend on it. On v5p:2x2x2, 82 % of the loop-weighted bytes are
+  in loops that run at least 729 times per step: the vision tower's layers inside its frame chunks (27 x 27,
+  with attention over 729 patches per frame materialized per head) and their collective matmuls.
 - **Inference:** every Colab-sized runtime but v5e-1 serves one 420-frame question (v5e-1: 29 GiB of
   temporaries against 15.75 GiB); one v6e chip needs 26.4 of 32 GiB. With a batch of one, an fsdp mesh runs
   the whole prefill on every chip and only spreads the weights; on v5e-4 a tensor mesh (1,1,1,4) takes
