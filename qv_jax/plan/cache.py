@@ -6,7 +6,7 @@ DeserializeLoadedExecutable"), so every plan recompiled. A plan needs only XLA's
 analysis and the optimized HLO text, so those are what is kept:
 
     cache = PlanCache("~/.cache/qv_jax/plan")
-    compiled = cache.compile(lowered, target, timings)     # a `CompiledFacts`: cached, or compiled and stored
+    compiled = cache.compiler(target, mesh)(lowered, phases)   # a `CompiledFacts`: cached, or compiled and stored
 
 An entry is `<key>/facts.json` (memory, cost, the original compile's timings) and `<key>/hlo.txt.gz`. The key
 hashes the lowered StableHLO (without debug info: moving a line of Python does not miss), the target
@@ -29,6 +29,20 @@ from importlib import metadata
 
 MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
                  "generated_code_size_in_bytes")
+
+
+def memory_stats(compiled) -> dict[str, float]:
+  """XLA's memory analysis of a compiled executable (or `CompiledFacts`), as {MEMORY_FIELDS: bytes}."""
+  m = compiled.memory_analysis()
+  return {f: float(getattr(m, f, 0) or 0) for f in MEMORY_FIELDS}
+
+
+def cost_stats(compiled) -> dict[str, float]:
+  """XLA's cost analysis (one dict, whatever the backend wraps it in), numeric entries only."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return {k: float(v) for k, v in (cost or {}).items() if isinstance(v, (int, float))}
 
 
 def _version(package: str) -> str:
@@ -58,13 +72,8 @@ class CompiledFacts:
 
   @classmethod
   def of(cls, compiled, phases: dict[str, float]) -> "CompiledFacts":
-    m = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0] if cost else {}
-    return cls(memory={f: float(getattr(m, f, 0) or 0) for f in MEMORY_FIELDS},
-               cost={k: float(v) for k, v in (cost or {}).items() if isinstance(v, (int, float))},
-               hlo=compiled.as_text(), phases=dict(phases))
+    return cls(memory=memory_stats(compiled), cost=cost_stats(compiled), hlo=compiled.as_text(),
+               phases=dict(phases))
 
 
 def program_key(lowered, target, mesh) -> str:

@@ -19,7 +19,7 @@ from qv_jax.config import Config, validate
 from qv_jax.config.errors import ConfigError
 from qv_jax.config.mesh import MESH_AXES
 from qv_jax.plan import hlo
-from qv_jax.plan.cache import PlanCache
+from qv_jax.plan.cache import PlanCache, cost_stats, memory_stats
 from qv_jax.plan.roofline import axis_ici_bandwidth, roofline
 from qv_jax.plan.target import Target, target_mesh
 from qv_jax.sharding import axis_rules, loading_groups
@@ -77,21 +77,15 @@ def sharded_bytes(tree) -> float:
 
 
 def _memory(compiled) -> dict[str, float]:
-  m = compiled.memory_analysis()
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
-            "generated_code_size_in_bytes")
-  out = {f.replace("_size_in_bytes", "_bytes"): float(getattr(m, f, 0) or 0) for f in fields}
+  out = {f.replace("_size_in_bytes", "_bytes"): v for f, v in memory_stats(compiled).items()}
   out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
                         + out["generated_code_bytes"])
   return out
 
 
 def _cost(compiled) -> dict[str, float]:
-  c = compiled.cost_analysis()
-  if isinstance(c, (list, tuple)):
-    c = c[0] if c else {}
-  c = c or {}
-  return {"flops": float(c.get("flops", 0.0)), "bytes_accessed": float(c.get("bytes accessed", 0.0))}
+  c = cost_stats(compiled)
+  return {"flops": c.get("flops", 0.0), "bytes_accessed": c.get("bytes accessed", 0.0)}
 
 
 def _slice_mesh_shape(mesh, num_slices: int) -> tuple[int, ...]:
